@@ -1,0 +1,535 @@
+"""Read and write ICT / HP checkpoints, strictly.
+
+Layouts read (``<dir>`` is a local directory or a Hugging Face hub snapshot):
+
+==========  ===========================================================================================
+ICT         released: ``<dir>/pytorch_model.bin`` (full ``CLIPModel`` state dict; ``model.safetensors``
+            also accepted); ours: ``<dir>/model.safetensors`` + ``config.json`` + ``icthp.json``
+HP          released: ``<dir>/hp_backbone/pytorch_model.bin`` (full ``CLIPModel`` state dict) and
+            ``<dir>/hp_scorer/mlp_pytorch_model.bin`` (``layers.{0,2,4,6,7}``), ``.safetensors`` twins
+            accepted; ours: ``<dir>/model.safetensors`` (``vision_model.*``, ``visual_projection.weight``,
+            ``head.layers.*``) + ``config.json`` + ``icthp.json``
+==========  ===========================================================================================
+
+A ``config.json`` beside the weights (as ``save_pretrained`` writes it) gives the architecture; without
+one, laion CLIP-ViT-H-14 is assumed. The model is built on the meta device from that config and the
+weights are assigned into it: base weights are never downloaded or allocated only to be overwritten.
+
+Every key must match: a missing or unexpected key or a shape mismatch raises :class:`CheckpointError`
+naming the keys. Only ``*.position_ids`` buffers may differ (they changed across transformers versions).
+An HP backbone file may hold the full ``CLIPModel`` (as released) or only the vision tower; the text
+tower is checked and dropped, never kept in memory.
+
+``.bin`` files are read with ``torch.load(weights_only=True)``: no code in a checkpoint is ever run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .modeling import (
+    DEFAULT_ARCHITECTURE,
+    HPModel,
+    architecture_dict,
+    build_clip,
+    build_hp,
+    clip_config,
+    config_to_dict,
+    restore_position_ids,
+)
+
+logger = logging.getLogger(__name__)
+
+FORMAT_NAME = "icthp"
+FORMAT_VERSION = 1
+METADATA_FILE = "icthp.json"
+PRESET_MARKER = "icthp_preset.json"
+WEIGHTS_SAFETENSORS = "model.safetensors"
+RELEASED_WEIGHTS = ("pytorch_model.bin", "model.safetensors")
+RELEASED_MLP_WEIGHTS = ("mlp_pytorch_model.bin", "mlp_model.safetensors")
+_HUB_PATTERNS = {
+    "ict": ["*.json", "*.txt", "pytorch_model.bin", "model.safetensors"],
+    "hp": ["*.json", "*.txt", "*/*.json", "*/pytorch_model.bin", "*/model.safetensors", "*/mlp_*", "model.safetensors"],
+}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+_MAX_LISTED = 12
+
+
+class CheckpointError(ValueError):
+    """A checkpoint could not be found, read, or does not match the expected architecture."""
+
+
+@dataclass
+class CheckpointInfo:
+    """Where a model's weights came from and what they are.
+
+    Attributes:
+        kind: ``"ict"`` or ``"hp"``.
+        source: what the user asked for (registry name, hub id or directory).
+        path: the local directory read.
+        layout: ``"released"`` or ``"icthp"``.
+        architecture: CLIP config as a dictionary.
+        file_dtype: dtype of the floating tensors in the file (e.g. ``"bfloat16"``).
+        untrained: True for random presets, whose scores mean nothing.
+        files: the weight files read.
+    """
+
+    kind: str
+    source: str
+    path: str
+    layout: str
+    architecture: dict[str, Any]
+    file_dtype: str
+    untrained: bool = False
+    files: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        label = f"{self.kind.upper()} <- {self.source} ({self.layout} layout, {self.file_dtype})"
+        return label + ("  [UNTRAINED RANDOM WEIGHTS: scores are meaningless]" if self.untrained else "")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """Map ``"float32" | "bf16" | torch.dtype | None`` to a torch dtype (None means float32)."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+        return dtype
+    try:
+        return DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}") from None
+
+
+# --------------------------------------------------------------------------------------------- locating
+
+
+def looks_like_hub_id(source: str) -> bool:
+    parts = source.split("/")
+    return len(parts) == 2 and all(parts) and not source.startswith((".", "~")) and "\\" not in source
+
+
+def resolve_source(source: str | os.PathLike, kind: str, revision: str | None = None) -> Path:
+    """Return a local directory for a checkpoint given as a directory or a hub id.
+
+    Hub ids go through ``huggingface_hub.snapshot_download``, so its cache, ``HF_HOME`` and
+    ``HF_HUB_OFFLINE=1`` are honoured; only the files the loader needs are fetched.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    src = str(source)
+    if path.exists():
+        raise CheckpointError(f"{kind.upper()} checkpoint {src!r} is a file; expected a directory (or a hub id)")
+    if not looks_like_hub_id(src):
+        raise CheckpointError(
+            f"{kind.upper()} checkpoint {src!r} is neither an existing directory nor a hub id of the form 'owner/name'"
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=src, revision=revision, allow_patterns=_HUB_PATTERNS[kind]))
+    except Exception as exc:  # network, offline cache miss, gated repo...
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
+        hint = (
+            "HF_HUB_OFFLINE is set and the files are not in the local cache"
+            if offline
+            else "the hub could not be reached and the files are not in the local cache"
+        )
+        raise CheckpointError(
+            f"could not get {kind.upper()} checkpoint {src!r} from the Hugging Face hub ({hint}): "
+            f"{type(exc).__name__}: {exc}. Download it where there is network (e.g. `hf download {src} "
+            f"--local-dir DIR`) and pass the directory instead."
+        ) from exc
+
+
+def _first_existing(directory: Path, names: Iterable[str]) -> Path | None:
+    for name in names:
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.safetensors`` or a ``torch.save`` file (``weights_only=True``, no code runs).
+
+    Example:
+        >>> sd = read_state_dict("ICT/pytorch_model.bin")  # doctest: +SKIP
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:
+            raise CheckpointError(f"could not read safetensors file {path}: {exc}") from exc
+    try:
+        try:  # memory-map: a 4 GB file is paged in as it is copied, not read whole first
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"could not read {path} with torch.load(weights_only=True): {type(exc).__name__}: {exc}. "
+            "Only plain tensor state dicts are accepted (no pickled code)."
+        ) from exc
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors (got {type(obj).__name__})")
+    return dict(obj)
+
+
+def _float_dtype(state: Mapping[str, torch.Tensor]) -> str:
+    dtypes = {str(v.dtype).replace("torch.", "") for v in state.values() if v.is_floating_point()}
+    return "/".join(sorted(dtypes)) or "none"
+
+
+def _listing(keys: Iterable[str]) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:_MAX_LISTED])
+    return shown + (f", ... ({len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else "")
+
+
+def check_keys(
+    expected: Mapping[str, torch.Size],
+    state: Mapping[str, torch.Tensor],
+    where: str,
+    hint: str = "",
+) -> None:
+    """Raise :class:`CheckpointError` unless ``state`` has exactly the ``expected`` keys and shapes.
+
+    ``*.position_ids`` are ignored on both sides.
+    """
+    exp = {k: v for k, v in expected.items() if not k.endswith("position_ids")}
+    got = {k: v for k, v in state.items() if not k.endswith("position_ids")}
+    missing = exp.keys() - got.keys()
+    unexpected = got.keys() - exp.keys()
+    mismatched = [
+        f"{k} (checkpoint {tuple(got[k].shape)}, model {tuple(exp[k])})"
+        for k in sorted(exp.keys() & got.keys())
+        if tuple(got[k].shape) != tuple(exp[k])
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): {_listing(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s): {_listing(unexpected)}")
+    if mismatched:
+        shown = "; ".join(mismatched[:_MAX_LISTED])
+        problems.append(f"{len(mismatched)} shape mismatch(es): {shown}")
+    if problems:
+        raise CheckpointError(f"{where} does not match the model: " + " | ".join(problems) + (f". {hint}" if hint else ""))
+
+
+def _expected_shapes(module: nn.Module) -> dict[str, torch.Size]:
+    return {k: v.shape for k, v in module.state_dict().items()}
+
+
+def _assign(
+    module: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    dtype: torch.dtype,
+    device,
+    fp32_prefixes: tuple[str, ...] = (),
+) -> None:
+    # Tensors are assigned (not copied into random init); floating ones are cast to the target dtype,
+    # except those under `fp32_prefixes` (small heads kept in float32 for accuracy).
+    def cast(k: str, v: torch.Tensor) -> torch.Tensor:
+        if not v.is_floating_point():
+            return v.to(device)
+        return v.to(device=device, dtype=torch.float32 if k.startswith(fp32_prefixes) else dtype)
+
+    sd = {k: cast(k, v) for k, v in state.items() if not k.endswith("position_ids")}
+    module.load_state_dict(sd, strict=False, assign=True)
+    restore_position_ids(module)
+    leftovers = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
+    if leftovers:  # cannot happen after check_keys, but a silent meta tensor would fail far from here
+        raise CheckpointError(f"weights were not set for: {_listing(leftovers)}")
+
+
+def _read_config(directory: Path) -> tuple[dict[str, Any], bool]:
+    cfg_file = directory / "config.json"
+    if cfg_file.is_file():
+        try:
+            return json.loads(cfg_file.read_text(encoding="utf-8")), True
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{cfg_file} is not valid JSON: {exc}") from exc
+    return architecture_dict(DEFAULT_ARCHITECTURE), False
+
+
+def _read_metadata(directory: Path) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    for name in (METADATA_FILE, PRESET_MARKER):
+        f = directory / name
+        if f.is_file():
+            meta.update(json.loads(f.read_text(encoding="utf-8")))
+    return meta
+
+
+def _no_config_hint(had_config: bool) -> str:
+    if had_config:
+        return "The config.json beside the weights does not describe them."
+    return (
+        "No config.json was found beside the weights, so the laion CLIP-ViT-H-14 architecture was assumed; "
+        "put the model's config.json (as save_pretrained writes it) beside the weights if it is another CLIP."
+    )
+
+
+def load_ict(
+    source: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    revision: str | None = None,
+) -> tuple[nn.Module, CheckpointInfo]:
+    """Load an ICT model (a ``CLIPModel``) strictly from a directory or hub id.
+
+    Returns:
+        ``(model, info)``: the model in eval mode on ``device`` in ``dtype``, and a :class:`CheckpointInfo`.
+
+    Example:
+        >>> model, info = load_ict("8y/ICT", device="cuda", dtype="bf16")  # doctest: +SKIP
+    """
+    directory = resolve_source(source, "ict", revision)
+    meta = _read_metadata(directory)
+    if meta.get("kind") not in (None, "ict"):
+        raise CheckpointError(f"{directory} holds a {meta['kind'].upper()} checkpoint, not an ICT one")
+    weights = _first_existing(directory, (WEIGHTS_SAFETENSORS, *RELEASED_WEIGHTS))
+    if weights is None:
+        if (directory / "hp_backbone").is_dir():
+            raise CheckpointError(f"{directory} looks like an HP checkpoint (hp_backbone/), not an ICT one")
+        raise CheckpointError(
+            f"no ICT weights in {directory}: expected one of {', '.join((WEIGHTS_SAFETENSORS, *RELEASED_WEIGHTS))}"
+        )
+    cfg_dict, had_config = _read_config(directory)
+    cfg = clip_config(cfg_dict)
+    state = read_state_dict(weights)
+    model = build_clip(cfg)
+    check_keys(_expected_shapes(model), state, f"ICT checkpoint {weights}", _no_config_hint(had_config))
+    target = resolve_dtype(dtype)
+    _assign(model, state, target, torch.device(device))
+    model.eval().requires_grad_(False)
+    layout = FORMAT_NAME if meta.get("format") == FORMAT_NAME else "released"
+    info = CheckpointInfo("ict", str(source), str(directory), layout, config_to_dict(cfg), _float_dtype(state),
+                          bool(meta.get("untrained", False)), [str(weights)])
+    return model, info
+
+
+_TEXT_PREFIXES = ("text_model.", "text_projection.", "logit_scale")
+_VISION_PREFIXES = ("vision_model.", "visual_projection.")
+
+
+def _split_backbone(state: Mapping[str, torch.Tensor], full_expected: Mapping[str, torch.Size], where: str, hint: str):
+    """Check an HP backbone state dict (full CLIPModel or vision-only) and return its vision part."""
+    has_text = any(k.startswith(_TEXT_PREFIXES) for k in state)
+    if has_text:
+        check_keys(full_expected, state, where, hint)
+    else:
+        check_keys({k: v for k, v in full_expected.items() if k.startswith(_VISION_PREFIXES)}, state, where, hint)
+    return {k: v for k, v in state.items() if k.startswith(_VISION_PREFIXES)}
+
+
+def load_hp(
+    source: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    revision: str | None = None,
+) -> tuple[HPModel, CheckpointInfo]:
+    """Load an HP model (vision tower + MLP head) strictly from a directory or hub id.
+
+    The vision tower runs in ``dtype``; the small MLP head always stays in float32.
+
+    Example:
+        >>> model, info = load_hp("8y/HP")  # doctest: +SKIP
+    """
+    directory = resolve_source(source, "hp", revision)
+    meta = _read_metadata(directory)
+    target = resolve_dtype(dtype)
+    dev = torch.device(device)
+    if meta.get("format") == FORMAT_NAME and (directory / WEIGHTS_SAFETENSORS).is_file():
+        if meta.get("kind") != "hp":
+            raise CheckpointError(f"{directory} holds a {str(meta.get('kind')).upper()} checkpoint, not an HP one")
+        cfg_dict, had_config = _read_config(directory)
+        cfg = clip_config(cfg_dict)
+        weights = directory / WEIGHTS_SAFETENSORS
+        state = read_state_dict(weights)
+        model = build_hp(cfg)
+        check_keys(_expected_shapes(model), state, f"HP checkpoint {weights}", _no_config_hint(had_config))
+        backbone_state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        head_state = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
+        files, layout = [str(weights)], FORMAT_NAME
+    else:
+        backbone_dir, scorer_dir = directory / "hp_backbone", directory / "hp_scorer"
+        if not backbone_dir.is_dir() or not scorer_dir.is_dir():
+            hint = " (it looks like an ICT checkpoint)" if _first_existing(directory, RELEASED_WEIGHTS) else ""
+            raise CheckpointError(
+                f"no HP checkpoint in {directory}{hint}: expected hp_backbone/pytorch_model.bin and "
+                f"hp_scorer/mlp_pytorch_model.bin (released layout) or model.safetensors + {METADATA_FILE} (icthp)"
+            )
+        bb_file = _first_existing(backbone_dir, (*RELEASED_WEIGHTS, WEIGHTS_SAFETENSORS))
+        mlp_file = _first_existing(scorer_dir, RELEASED_MLP_WEIGHTS)
+        if bb_file is None or mlp_file is None:
+            raise CheckpointError(
+                f"incomplete HP checkpoint in {directory}: backbone weights {'found' if bb_file else 'MISSING'} "
+                f"(hp_backbone/{' or '.join(RELEASED_WEIGHTS)}), head weights {'found' if mlp_file else 'MISSING'} "
+                f"(hp_scorer/{' or '.join(RELEASED_MLP_WEIGHTS)})"
+            )
+        meta = {**meta, **_read_metadata(backbone_dir)}
+        cfg_dict, had_config = _read_config(backbone_dir)
+        if not had_config:
+            cfg_dict, had_config = _read_config(directory)
+        cfg = clip_config(cfg_dict)
+        model = build_hp(cfg)
+        full_expected = _expected_shapes(build_clip(cfg))
+        state = read_state_dict(bb_file)
+        backbone_state = _split_backbone(state, full_expected, f"HP backbone {bb_file}", _no_config_hint(had_config))
+        head_state = read_state_dict(mlp_file)
+        check_keys(_expected_shapes(model.head), head_state, f"HP head {mlp_file}",
+                   f"The head's input width must equal the CLIP projection dim ({cfg.projection_dim}).")
+        files, layout = [str(bb_file), str(mlp_file)], "released"
+    _assign(model, {**backbone_state, **{f"head.{k}": v for k, v in head_state.items()}}, target, dev, ("head.",))
+    model.eval().requires_grad_(False)
+    info = CheckpointInfo("hp", str(source), str(directory), layout, config_to_dict(cfg),
+                          _float_dtype({**backbone_state, **head_state}), bool(meta.get("untrained", False)), files)
+    return model, info
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+
+def _atomic_dir(target: Path):
+    """Context: yields a temporary sibling directory that replaces ``target`` only once fully written."""
+
+    class _Ctx:
+        def __enter__(self_inner):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self_inner.tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+            return self_inner.tmp
+
+        def __exit__(self_inner, exc_type, exc, tb):
+            if exc_type is not None:
+                shutil.rmtree(self_inner.tmp, ignore_errors=True)
+                return False
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(self_inner.tmp, target)
+            return False
+
+    return _Ctx()
+
+
+def _state_for_saving(state: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in state.items():
+        if k.endswith("position_ids"):
+            continue
+        v = v.detach().to("cpu")
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
+        out[k] = v.contiguous()
+    return out
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def save_ict(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    *,
+    layout: str = FORMAT_NAME,
+    dtype: str | torch.dtype | None = None,
+    extra_metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write an ICT model (``CLIPModel``) in our layout (safetensors) or the released one (``pytorch_model.bin``).
+
+    The directory is written atomically (a temporary sibling renamed into place).
+
+    Example:
+        >>> save_ict(model, "out/ict")  # doctest: +SKIP
+    """
+    target = Path(directory)
+    state = _state_for_saving(model.state_dict(), None if dtype is None else resolve_dtype(dtype))
+    cfg = config_to_dict(model.config)
+    with _atomic_dir(target) as tmp:
+        _write_json(tmp / "config.json", cfg)
+        if layout == FORMAT_NAME:
+            from safetensors.torch import save_file
+
+            save_file(state, str(tmp / WEIGHTS_SAFETENSORS), metadata={"format": "pt"})
+            _write_json(tmp / METADATA_FILE, {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kind": "ict",
+                                              **dict(extra_metadata or {})})
+        elif layout == "released":
+            torch.save(state, tmp / "pytorch_model.bin")
+            if extra_metadata:
+                _write_json(tmp / PRESET_MARKER, dict(extra_metadata))
+        else:
+            raise ValueError(f"unknown layout {layout!r}; expected 'icthp' or 'released'")
+    return target
+
+
+def save_hp(
+    model: HPModel,
+    directory: str | os.PathLike,
+    *,
+    layout: str = FORMAT_NAME,
+    dtype: str | torch.dtype | None = None,
+    text_state: Mapping[str, torch.Tensor] | None = None,
+    extra_metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write an HP model in our layout or the released one (``hp_backbone/`` + ``hp_scorer/``).
+
+    In the released layout the backbone file is a ``CLIPModel`` state dict: pass ``text_state`` (text tower
+    keys) to write the full model as released; without it only the vision keys are written (icthp reads
+    both). The MLP head is always written in float32.
+    """
+    target = Path(directory)
+    cast = None if dtype is None else resolve_dtype(dtype)
+    full = model.state_dict()
+    backbone = _state_for_saving({k: v for k, v in full.items() if not k.startswith("head.")}, cast)
+    head = _state_for_saving({k[len("head."):]: v for k, v in full.items() if k.startswith("head.")}, torch.float32)
+    cfg = config_to_dict(model.config)
+    with _atomic_dir(target) as tmp:
+        if layout == FORMAT_NAME:
+            from safetensors.torch import save_file
+
+            _write_json(tmp / "config.json", cfg)
+            save_file({**backbone, **{f"head.{k}": v for k, v in head.items()}}, str(tmp / WEIGHTS_SAFETENSORS),
+                      metadata={"format": "pt"})
+            _write_json(tmp / METADATA_FILE, {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kind": "hp",
+                                              **dict(extra_metadata or {})})
+        elif layout == "released":
+            (tmp / "hp_backbone").mkdir()
+            (tmp / "hp_scorer").mkdir()
+            if text_state is not None:
+                backbone = {**_state_for_saving(text_state, cast), **backbone}
+            _write_json(tmp / "hp_backbone" / "config.json", cfg)
+            torch.save(backbone, tmp / "hp_backbone" / "pytorch_model.bin")
+            torch.save(head, tmp / "hp_scorer" / "mlp_pytorch_model.bin")
+            if extra_metadata:
+                _write_json(tmp / PRESET_MARKER, dict(extra_metadata))
+        else:
+            raise ValueError(f"unknown layout {layout!r}; expected 'icthp' or 'released'")
+    return target

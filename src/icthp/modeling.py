@@ -1,0 +1,189 @@
+"""ICT and HP networks, built from a CLIP configuration. No file or network I/O happens here.
+
+- The ICT network *is* a transformers ``CLIPModel`` (text and vision towers, fine-tuned whole), so its
+  state dict has the plain Hugging Face keys of the released checkpoint.
+- The HP network keeps only what HP uses: the CLIP vision tower, the visual projection and the MLP head
+  (``layers.{0,2,4,6,7}``). Its state-dict keys are ``vision_model.*``, ``visual_projection.weight``
+  (as in ``CLIPModel``) and ``head.layers.*``.
+
+Feature extraction goes through ``text_model`` / ``vision_model`` and the projections directly, which
+behaves the same on transformers 4.x and 5.x (``get_image_features`` changed its return type in 5.x).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from importlib import resources
+from typing import Any
+
+import torch
+from torch import nn
+
+# Architectures shipped as data (src/icthp/architectures/*.json): transformers CLIPConfig dictionaries.
+ARCHITECTURES = ("clip-vit-h-14", "clip-vit-b-16", "clip-tiny")
+DEFAULT_ARCHITECTURE = "clip-vit-h-14"
+
+
+def architecture_dict(name: str) -> dict[str, Any]:
+    """Return the CLIP configuration dictionary of a named architecture.
+
+    Example:
+        >>> architecture_dict("clip-vit-h-14")["vision_config"]["num_hidden_layers"]
+        32
+    """
+    if name not in ARCHITECTURES:
+        raise KeyError(f"unknown architecture {name!r}; expected one of {', '.join(ARCHITECTURES)}")
+    text = resources.files("icthp").joinpath("architectures", f"{name}.json").read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+def clip_config(config: dict[str, Any] | Any):
+    """Build a transformers ``CLIPConfig`` from a dictionary (as ``config.json`` holds) or a config object.
+
+    The sub-configs' ``projection_dim`` is aligned with the top-level one (``CLIPModel`` uses the top-level
+    value, ``CLIPVisionModelWithProjection`` the vision one), and SDPA attention is selected.
+
+    Example:
+        >>> clip_config(architecture_dict("clip-tiny")).projection_dim
+        16
+    """
+    from transformers import CLIPConfig
+
+    if isinstance(config, CLIPConfig):
+        cfg = copy.deepcopy(config)
+    else:
+        d = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+        if d.get("model_type", "clip") != "clip":
+            raise ValueError(f"expected a CLIP config (model_type 'clip'), got model_type {d.get('model_type')!r}")
+        cfg = CLIPConfig(**d)
+    cfg.vision_config.projection_dim = cfg.projection_dim
+    cfg.text_config.projection_dim = cfg.projection_dim
+    _select_attention(cfg)
+    return cfg
+
+
+def _select_attention(cfg) -> None:
+    # SDPA (fused attention) is the fastest exact implementation on CPU and GPU alike.
+    for c in (cfg, cfg.text_config, cfg.vision_config):
+        try:
+            c._attn_implementation = "sdpa"
+        except (AttributeError, ValueError):  # pragma: no cover - very old transformers
+            pass
+
+
+def config_to_dict(cfg) -> dict[str, Any]:
+    """Serialise a ``CLIPConfig`` the way ``save_pretrained`` writes ``config.json``."""
+    return cfg.to_dict()
+
+
+def build_clip(cfg, device: str | torch.device = "meta") -> nn.Module:
+    """Construct a ``CLIPModel`` from a config, on the meta device by default (no memory, no random init).
+
+    Weights are then loaded with ``load_state_dict(..., assign=True)`` (see :mod:`icthp.checkpoints`).
+    """
+    from transformers import CLIPModel
+
+    with torch.device(device):
+        return CLIPModel(cfg)
+
+
+class HPHead(nn.Module):
+    """The HP MLP: ``Linear(D,1024) Dropout(.2) Linear(1024,128) Dropout(.2) Linear(128,64) Dropout(.1)
+    Linear(64,16) Linear(16,1)``, no activations (as released). ``D`` is the CLIP projection width.
+
+    Input: unnormalised projected image features ``[B, D]``. Output: the HP logit ``[B]``.
+
+    Example:
+        >>> head = HPHead(16)
+        >>> head(torch.zeros(2, 16)).shape
+        torch.Size([2])
+    """
+
+    def __init__(self, input_dim: int = 1024, hidden_dim: int = 1024):
+        super().__init__()
+        self.input_dim = input_dim
+        self.layers = nn.Sequential(
+            nn.Linear(input_dim, hidden_dim),
+            nn.Dropout(0.2),
+            nn.Linear(hidden_dim, 128),
+            nn.Dropout(0.2),
+            nn.Linear(128, 64),
+            nn.Dropout(0.1),
+            nn.Linear(64, 16),
+            nn.Linear(16, 1),
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Released initialisation: weights N(0, std = 1 / (D + 1)), biases 0."""
+        for name, param in self.layers.named_parameters():
+            if param.is_meta:
+                continue
+            if name.endswith("weight"):
+                nn.init.normal_(param, mean=0.0, std=1.0 / (self.input_dim + 1))
+            else:
+                nn.init.zeros_(param)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.layers(features).squeeze(-1)
+
+
+class HPModel(nn.Module):
+    """HP network: CLIP vision tower + visual projection + :class:`HPHead`.
+
+    ``forward(pixel_values)`` returns the HP logit ``[B]`` (``hp = sigmoid(logit)``).
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        from transformers import CLIPVisionModelWithProjection
+
+        tower = CLIPVisionModelWithProjection(cfg.vision_config)
+        self.config = cfg
+        self.vision_model = tower.vision_model
+        self.visual_projection = tower.visual_projection
+        self.head = HPHead(cfg.projection_dim)
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected, unnormalised image features ``[B, projection_dim]``."""
+        return vision_features(self, pixel_values)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        features = self.image_features(pixel_values)
+        # The head runs in its own dtype (fp32 by default) whatever the tower's dtype.
+        return self.head(features.to(self.head.layers[0].weight.dtype))
+
+
+def build_hp(cfg, device: str | torch.device = "meta") -> HPModel:
+    """Construct an :class:`HPModel` from a ``CLIPConfig`` (meta device by default)."""
+    with torch.device(device):
+        return HPModel(cfg)
+
+
+def vision_features(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Projected image features ``[B, P]`` of a module with ``vision_model`` and ``visual_projection``."""
+    dtype = model.visual_projection.weight.dtype
+    pooled = model.vision_model(pixel_values=pixel_values.to(dtype)).pooler_output
+    return model.visual_projection(pooled)
+
+
+def text_features(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Projected text features ``[B, P]`` of a ``CLIPModel`` (pooled at the end-of-text token)."""
+    pooled = model.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+    return model.text_projection(pooled)
+
+
+def restore_position_ids(model: nn.Module) -> None:
+    """Recreate the non-persistent ``position_ids`` buffers of CLIP embeddings (left on meta by a meta build).
+
+    They are ``arange(num_positions)`` by definition, so nothing is lost by not reading them from a file.
+    """
+    for module in model.modules():
+        buf = getattr(module, "position_ids", None)
+        if isinstance(buf, torch.Tensor) and buf.is_meta:
+            n = buf.shape[-1]
+            device = next((p.device for p in module.parameters() if not p.is_meta), torch.device("cpu"))
+            module.register_buffer(
+                "position_ids", torch.arange(n, device=device).expand((1, -1)), persistent=False
+            )

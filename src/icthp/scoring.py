@@ -1,0 +1,549 @@
+"""Scorers: one interface for ICT, HP and ICT-HP (and, later, the baselines).
+
+Every scorer has
+
+- ``score(pixels, prompts) -> Tensor[B]``: pixels float ``[B, 3, H, W]`` in [0, 1] of any size, one prompt
+  or ``B`` prompts; differentiable with respect to the pixels (reward fine-tuning entry point).
+- ``score_images(images, prompts) -> Tensor[N]``: paths or PIL images, preprocessed exactly as the released
+  code does (``CLIPImageProcessor``), batched, decoded in parallel threads; returns CPU float32.
+- ``rank(prompt, images) -> Ranking``: best image first.
+
+:class:`ICTHPScorer` also returns every component at once (:meth:`ICTHPScorer.score_all`,
+:meth:`ICTHPScorer.score_images_all`): ``ict``, ``hp``, ``hp_logit``, ``ict_hp``.
+
+Scores (method.md section 5):
+
+- ``ict  = cos(normalize(text_features(P)), normalize(image_features(I)))`` (no logit scale);
+- ``hp_logit = MLP(image_features_hp(I))`` (unnormalised features), ``hp = sigmoid(hp_logit)``;
+- ``ict_hp = ict * hp`` for a single image; within a group of images for one prompt (a triplet), the
+  released validation uses ``ict * softmax_group(hp_logit)`` (:func:`ict_hp_group`, used by ``rank``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .checkpoints import CheckpointInfo, load_hp, load_ict, resolve_dtype
+from .modeling import HPModel, text_features, vision_features
+from .preprocess import (
+    ImageLoadError,
+    PreprocessConfig,
+    load_image,
+    pil_to_model_input,
+    preprocess_tensor,
+)
+from .tokenizer import load_tokenizer, tokenize
+
+logger = logging.getLogger(__name__)
+
+ImageInput = str | os.PathLike | Image.Image
+_PIXEL_RANGE_TOLERANCE = 1e-3
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+
+def check_pixels(pixels: object) -> torch.Tensor:
+    """Validate a pixel batch: float tensor ``[B, 3, H, W]`` with values in [0, 1].
+
+    Raises:
+        TypeError / ValueError: with what was expected and what came.
+
+    Example:
+        >>> check_pixels(torch.rand(2, 3, 64, 64)).shape
+        torch.Size([2, 3, 64, 64])
+    """
+    if not isinstance(pixels, torch.Tensor):
+        raise TypeError(
+            f"pixels: expected a float tensor [B, 3, H, W] in [0, 1], got {type(pixels).__name__}; "
+            "for files or PIL images use score_images()"
+        )
+    if pixels.ndim != 4 or pixels.shape[1] != 3:
+        hint = " (add a batch dimension with pixels[None])" if pixels.ndim == 3 else ""
+        hint = hint or (" (channels last? use pixels.permute(0, 3, 1, 2))" if pixels.ndim == 4 and pixels.shape[-1] == 3 else "")
+        raise ValueError(f"pixels: expected shape [B, 3, H, W], got {list(pixels.shape)}{hint}")
+    if not pixels.is_floating_point():
+        raise TypeError(
+            f"pixels: expected a float tensor in [0, 1], got dtype {pixels.dtype} (uint8 images: pixels.float() / 255)"
+        )
+    if pixels.shape[0] == 0:
+        raise ValueError("pixels: expected at least one image, got an empty batch [0, 3, H, W]")
+    lo, hi = float(pixels.detach().amin()), float(pixels.detach().amax())
+    if lo < -_PIXEL_RANGE_TOLERANCE or hi > 1 + _PIXEL_RANGE_TOLERANCE:
+        hint = " (images in [-1, 1]? pass (pixels + 1) / 2)" if lo < 0 else " (images in [0, 255]? divide by 255)"
+        raise ValueError(f"pixels: expected values in [0, 1], got min {lo:.4g}, max {hi:.4g}{hint}")
+    if not torch.isfinite(pixels.detach()).all():
+        raise ValueError("pixels: expected finite values, got NaN or inf")
+    return pixels
+
+
+def check_prompts(prompts: str | Sequence[str] | None, n: int, required: bool = True) -> list[str] | None:
+    """Expand one prompt to ``n`` or check that ``n`` prompts (strings) were given.
+
+    Example:
+        >>> check_prompts("a cat", 2)
+        ['a cat', 'a cat']
+    """
+    if prompts is None:
+        if required:
+            raise ValueError(f"prompts: this scorer needs a prompt; got None for {n} image(s)")
+        return None
+    if isinstance(prompts, str):
+        return [prompts] * n
+    if not isinstance(prompts, Sequence):
+        raise TypeError(f"prompts: expected a string or a list of {n} strings, got {type(prompts).__name__}")
+    prompts = list(prompts)
+    if len(prompts) != n:
+        raise ValueError(f"prompts: expected 1 or {n} prompts (one per image), got {len(prompts)}")
+    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"prompts: expected strings, got {type(prompts[bad[0]]).__name__} at index {bad[0]}")
+    return prompts
+
+
+def _check_images(images: object) -> list[ImageInput]:
+    if isinstance(images, (str, os.PathLike, Image.Image)):
+        return [images]  # type: ignore[list-item]
+    if isinstance(images, torch.Tensor):
+        raise TypeError("images: got a tensor; score_images() takes paths or PIL images, use score(pixels, prompts)")
+    images = list(images)  # type: ignore[arg-type]
+    if not images:
+        raise ValueError("images: expected at least one path or PIL image, got an empty list")
+    for i, im in enumerate(images):
+        if not isinstance(im, (str, os.PathLike, Image.Image)):
+            raise TypeError(f"images: expected paths or PIL images, got {type(im).__name__} at index {i}")
+    return images
+
+
+# --------------------------------------------------------------------------------------------- batches
+
+
+@dataclass
+class Batch:
+    """A decoded batch: ``pixel_values`` ``[b, 3, S, S]`` for the images at ``indices``; failures apart."""
+
+    indices: list[int]
+    pixel_values: torch.Tensor | None
+    errors: list[tuple[int, ImageLoadError]] = field(default_factory=list)
+
+
+def _load_one(image: ImageInput, cfg: PreprocessConfig) -> torch.Tensor | ImageLoadError:
+    try:
+        return pil_to_model_input(load_image(image), cfg)
+    except ImageLoadError as exc:
+        return exc
+
+
+def iter_batches(
+    images: Sequence[ImageInput],
+    cfg: PreprocessConfig,
+    batch_size: int = 32,
+    num_workers: int | None = None,
+) -> Iterator[Batch]:
+    """Decode and preprocess images in worker threads, ``batch_size`` at a time, one batch ahead.
+
+    PIL releases the GIL while decoding and resizing, so threads run in parallel; at most two batches
+    are in memory. Unreadable images come back in ``Batch.errors`` instead of stopping the stream.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+    workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
+    starts = list(range(0, len(images), batch_size))
+
+    def collect(futures, start) -> Batch:
+        ok, tensors, errors = [], [], []
+        for j, fut in enumerate(futures):
+            res = fut.result()
+            if isinstance(res, ImageLoadError):
+                errors.append((start + j, res))
+            else:
+                ok.append(start + j)
+                tensors.append(res)
+        return Batch(ok, torch.stack(tensors) if tensors else None, errors)
+
+    if workers <= 1:
+        for s in starts:
+            chunk = images[s : s + batch_size]
+            res = [_load_one(im, cfg) for im in chunk]
+            ok = [s + j for j, r in enumerate(res) if not isinstance(r, ImageLoadError)]
+            errs = [(s + j, r) for j, r in enumerate(res) if isinstance(r, ImageLoadError)]
+            good = [r for r in res if not isinstance(r, ImageLoadError)]
+            yield Batch(ok, torch.stack(good) if good else None, errs)  # type: ignore[arg-type]
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="icthp-decode") as pool:
+        pending = None
+        for s in starts:
+            futures = [pool.submit(_load_one, im, cfg) for im in images[s : s + batch_size]]
+            if pending is not None:
+                yield collect(*pending)
+            pending = (futures, s)
+        if pending is not None:
+            yield collect(*pending)
+
+
+# --------------------------------------------------------------------------------------------- scores
+
+
+class Ranking(NamedTuple):
+    """Result of :meth:`Scorer.rank`: ``order[0]`` is the index of the best image; ``scores[i]`` is image i's."""
+
+    order: list[int]
+    scores: list[float]
+
+
+@dataclass
+class Scores:
+    """All ICT-HP components for a batch (tensors ``[B]``; ``None`` where a component is not loaded)."""
+
+    ict: torch.Tensor | None = None
+    hp: torch.Tensor | None = None
+    hp_logit: torch.Tensor | None = None
+    ict_hp: torch.Tensor | None = None
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+
+def ict_hp_group(ict: torch.Tensor, hp_logit: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """ICT-HP within a group of images for one prompt: ``ict * softmax(hp_logit)`` over ``dim``.
+
+    This is the released validation's triplet score (``ICT-HP_k = ICT_k * softmax_k(h)``).
+
+    Example:
+        >>> ict_hp_group(torch.tensor([0.5, 0.5]), torch.tensor([0.0, 0.0]))
+        tensor([0.2500, 0.2500])
+    """
+    return ict * torch.softmax(hp_logit.float(), dim=dim)
+
+
+class Scorer:
+    """Base class: the interface every reward model in icthp offers.
+
+    Subclasses implement :meth:`_score_model_inputs` (normalised ``[B, 3, S, S]`` inputs -> ``Tensor[B]``).
+    """
+
+    name: str = "scorer"
+    needs_prompt: bool = True
+
+    def __init__(self, preprocess: PreprocessConfig, device: torch.device, dtype: torch.dtype):
+        self.preprocess = preprocess
+        self.device = device
+        self.dtype = dtype
+
+    # -- the public interface
+    def score(self, pixels: torch.Tensor, prompts: str | Sequence[str] | None = None) -> torch.Tensor:
+        """Score float pixels ``[B, 3, H, W]`` in [0, 1]; differentiable w.r.t. ``pixels``. Returns ``[B]`` fp32.
+
+        Example:
+            >>> scorer = icthp.load("ict-hp", ict="tiny-random", hp="tiny-random")  # doctest: +SKIP
+            >>> scorer.score(torch.rand(2, 3, 512, 512), "a cat").shape  # doctest: +SKIP
+            torch.Size([2])
+        """
+        pixels = check_pixels(pixels)
+        prompt_list = check_prompts(prompts, pixels.shape[0], self.needs_prompt)
+        inputs = preprocess_tensor(pixels.to(self.device), self.preprocess)
+        return self._score_model_inputs(inputs, prompt_list)
+
+    def score_images(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        prompts: str | Sequence[str] | None = None,
+        *,
+        batch_size: int = 32,
+        num_workers: int | None = None,
+    ) -> torch.Tensor:
+        """Score image files or PIL images (released preprocessing), batched. Returns CPU ``Tensor[N]``.
+
+        Raises:
+            ImageLoadError: an image cannot be read (the message names it).
+
+        Example:
+            >>> scorer.score_images(["a.png", "b.jpg"], "a tiny dragon in a teacup")  # doctest: +SKIP
+            tensor([0.2934, 0.3120])
+        """
+        images = _check_images(images)
+        prompt_list = check_prompts(prompts, len(images), self.needs_prompt)
+        out = torch.empty(len(images))
+        with torch.inference_mode():
+            for batch in iter_batches(images, self.preprocess, batch_size, num_workers):
+                if batch.errors:
+                    raise batch.errors[0][1]
+                sub = None if prompt_list is None else [prompt_list[i] for i in batch.indices]
+                out[batch.indices] = self._score_model_inputs(batch.pixel_values.to(self.device), sub).float().cpu()
+        return out
+
+    def rank(self, prompt: str | None, images: ImageInput | Sequence[ImageInput] | torch.Tensor) -> Ranking:
+        """Rank images for one prompt, best first.
+
+        Example:
+            >>> scorer.rank("a wooden Ferrari", ["I1.jpg", "I2.jpg", "I3.png"]).order  # doctest: +SKIP
+            [2, 1, 0]
+        """
+        if isinstance(images, torch.Tensor):
+            with torch.no_grad():
+                scores = self._group_scores(self.score, images, prompt)
+        else:
+            scores = self._group_scores(self.score_images, images, prompt)
+        scores = scores.float().cpu()
+        order = sorted(range(len(scores)), key=lambda i: -float(scores[i]))
+        return Ranking(order, [float(s) for s in scores])
+
+    def _group_scores(self, fn, images, prompt) -> torch.Tensor:
+        return fn(images, prompt)
+
+    # -- implemented by subclasses
+    def _score_model_inputs(self, inputs: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def to(self, device: str | torch.device) -> Scorer:
+        """Move the scorer's networks to ``device`` (returns self)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(device={self.device}, dtype={str(self.dtype).replace('torch.', '')})"
+
+
+def _preprocess_config(info: CheckpointInfo) -> PreprocessConfig:
+    return PreprocessConfig(size=int(info.architecture["vision_config"]["image_size"]))
+
+
+class ICTScorer(Scorer):
+    """ICT: cosine between the prompt's and the image's CLIP features (Image-Contained-Text).
+
+    Example:
+        >>> ict = ICTScorer.from_pretrained("8y/ICT", device="cuda", dtype="bf16")  # doctest: +SKIP
+        >>> ict.score_images(["I1.jpg", "I3.png"], "a tiny dragon taking a bath in a teacup")  # doctest: +SKIP
+    """
+
+    name = "ict"
+    needs_prompt = True
+
+    def __init__(self, model: torch.nn.Module, info: CheckpointInfo, tokenizer=None, max_cached_prompts: int = 10_000):
+        param = next(model.parameters())
+        super().__init__(_preprocess_config(info), param.device, param.dtype)
+        self.model = model
+        self.info = info
+        self.context_length = int(info.architecture["text_config"].get("max_position_embeddings", 77))
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(info.path, self.context_length)
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.max_cached_prompts = max_cached_prompts
+        if info.untrained:
+            logger.warning("ICT: %s", info.describe())
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike = "8y/ICT", *, device: str | torch.device = "cpu",
+                        dtype: str | torch.dtype | None = None, revision: str | None = None) -> ICTScorer:
+        """Load from a registry name (``tiny-random``), hub id or local directory (released or icthp layout)."""
+        model, info = load_ict(_expand_source(source, "ict"), device=device, dtype=dtype, revision=revision)
+        info.source = str(source)
+        return cls(model, info)
+
+    def to(self, device: str | torch.device) -> ICTScorer:
+        self.model.to(device)
+        self.device = torch.device(device)
+        self._cache.clear()
+        return self
+
+    def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Normalised text features ``[B, P]`` (fp32); each distinct prompt is encoded once and cached.
+
+        No gradient flows to the text tower (scoring rewards images, not prompts).
+        """
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        # Cached tensors must be ordinary tensors (not inference tensors) so that a later score() call
+        # under autograd can use them.
+        with torch.inference_mode(False), torch.no_grad():
+            self._encode_missing(missing)
+        for p in prompts:
+            self._cache.move_to_end(p)
+        return torch.stack([self._cache[p] for p in prompts])
+
+    def _encode_missing(self, missing: list[str]) -> None:
+        if missing:
+            ids, mask = tokenize(self.tokenizer, missing, self.context_length)
+            feats = text_features(self.model, ids.to(self.device), mask.to(self.device)).float()
+            for p, f in zip(missing, F.normalize(feats, dim=-1), strict=True):
+                self._cache[p] = f
+                if len(self._cache) > self.max_cached_prompts:
+                    self._cache.popitem(last=False)
+
+    def image_embeddings(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Normalised image features ``[B, P]`` (fp32) of preprocessed inputs ``[B, 3, S, S]``."""
+        return F.normalize(vision_features(self.model, inputs).float(), dim=-1)
+
+    def _score_model_inputs(self, inputs, prompts):
+        text = self.text_embeddings(prompts)
+        return (self.image_embeddings(inputs) * text).sum(-1)
+
+
+class HPScorer(Scorer):
+    """HP: image quality from the image alone, ``sigmoid(MLP(image_features))`` in (0, 1).
+
+    ``score`` returns ``hp``; :meth:`logits` / :meth:`score_logits` return the raw ``hp_logit``.
+    """
+
+    name = "hp"
+    needs_prompt = False
+
+    def __init__(self, model: HPModel, info: CheckpointInfo):
+        param = next(model.vision_model.parameters())
+        super().__init__(_preprocess_config(info), param.device, param.dtype)
+        self.model = model
+        self.info = info
+        if info.untrained:
+            logger.warning("HP: %s", info.describe())
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike = "8y/HP", *, device: str | torch.device = "cpu",
+                        dtype: str | torch.dtype | None = None, revision: str | None = None) -> HPScorer:
+        """Load from a registry name (``tiny-random``), hub id or local directory (released or icthp layout)."""
+        model, info = load_hp(_expand_source(source, "hp"), device=device, dtype=dtype, revision=revision)
+        info.source = str(source)
+        return cls(model, info)
+
+    def to(self, device: str | torch.device) -> HPScorer:
+        self.model.to(device)
+        self.device = torch.device(device)
+        return self
+
+    def logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        """HP logits ``[B]`` (fp32) of preprocessed inputs ``[B, 3, S, S]``."""
+        return self.model(inputs).float()
+
+    def score_logits(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Differentiable ``hp_logit`` of float pixels ``[B, 3, H, W]`` in [0, 1]."""
+        return self.logits(preprocess_tensor(check_pixels(pixels).to(self.device), self.preprocess))
+
+    def _score_model_inputs(self, inputs, prompts):
+        return torch.sigmoid(self.logits(inputs))
+
+
+class ICTHPScorer(Scorer):
+    """ICT-HP: the paper's combined reward, ``ict * hp`` per image.
+
+    ``rank`` uses the released triplet rule ``ict * softmax_group(hp_logit)`` (see :func:`ict_hp_group`).
+
+    Example:
+        >>> scorer = ICTHPScorer.from_pretrained(device="cuda", dtype="bf16")  # doctest: +SKIP
+        >>> s = scorer.score_images_all(["I1.jpg", "I2.jpg", "I3.png"], "a wooden Ferrari")  # doctest: +SKIP
+        >>> s.ict, s.hp, s.ict_hp  # doctest: +SKIP
+    """
+
+    name = "ict-hp"
+    needs_prompt = True
+
+    def __init__(self, ict: ICTScorer, hp: HPScorer):
+        if ict.preprocess != hp.preprocess:
+            raise ValueError(f"ICT and HP preprocess differently ({ict.preprocess} vs {hp.preprocess})")
+        super().__init__(ict.preprocess, ict.device, ict.dtype)
+        self.ict = ict
+        self.hp = hp
+
+    @classmethod
+    def from_pretrained(cls, ict: str | os.PathLike = "8y/ICT", hp: str | os.PathLike = "8y/HP", *,
+                        device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+                        revision: str | None = None) -> ICTHPScorer:
+        """Load both components (each a registry name, hub id or local directory)."""
+        return cls(ICTScorer.from_pretrained(ict, device=device, dtype=dtype, revision=revision),
+                   HPScorer.from_pretrained(hp, device=device, dtype=dtype, revision=revision))
+
+    def to(self, device: str | torch.device) -> ICTHPScorer:
+        self.ict.to(device)
+        self.hp.to(device)
+        self.device = torch.device(device)
+        return self
+
+    def _all_from_inputs(self, inputs: torch.Tensor, prompts: list[str]) -> Scores:
+        ict = self.ict._score_model_inputs(inputs, prompts)
+        logit = self.hp.logits(inputs)
+        hp = torch.sigmoid(logit)
+        return Scores(ict=ict, hp=hp, hp_logit=logit, ict_hp=ict * hp)
+
+    def _score_model_inputs(self, inputs, prompts):
+        return self._all_from_inputs(inputs, prompts).ict_hp
+
+    def score_all(self, pixels: torch.Tensor, prompts: str | Sequence[str]) -> Scores:
+        """Differentiable ``ict``, ``hp``, ``hp_logit`` and ``ict_hp`` of float pixels ``[B, 3, H, W]``."""
+        pixels = check_pixels(pixels)
+        prompt_list = check_prompts(prompts, pixels.shape[0])
+        return self._all_from_inputs(preprocess_tensor(pixels.to(self.device), self.preprocess), prompt_list)
+
+    def score_images_all(self, images: ImageInput | Sequence[ImageInput], prompts: str | Sequence[str], *,
+                         batch_size: int = 32, num_workers: int | None = None) -> Scores:
+        """All components for image files / PIL images (released preprocessing); CPU tensors ``[N]``."""
+        images = _check_images(images)
+        prompt_list = check_prompts(prompts, len(images))
+        n = len(images)
+        out = Scores(*(torch.empty(n) for _ in range(4)))
+        with torch.inference_mode():
+            for batch in iter_batches(images, self.preprocess, batch_size, num_workers):
+                if batch.errors:
+                    raise batch.errors[0][1]
+                s = self._all_from_inputs(batch.pixel_values.to(self.device), [prompt_list[i] for i in batch.indices])
+                for name, value in s.as_dict().items():
+                    getattr(out, name)[batch.indices] = value.float().cpu()
+        return out
+
+    def _group_scores(self, fn, images, prompt) -> torch.Tensor:
+        s = self.score_images_all(images, prompt) if fn == self.score_images else self.score_all(images, prompt)
+        return ict_hp_group(s.ict, s.hp_logit)
+
+
+def _expand_source(source: str | os.PathLike, kind: str) -> str | os.PathLike:
+    """Map registry names to checkpoint locations (``tiny-random`` -> the generated preset directory)."""
+    from .registry import TINY_RANDOM
+
+    if str(source) == TINY_RANDOM:
+        from .presets import tiny_preset_dir
+
+        return tiny_preset_dir() / kind
+    return source
+
+
+def load(
+    name: str = "ict-hp",
+    *,
+    ict: str | os.PathLike | None = None,
+    hp: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    revision: str | None = None,
+) -> Scorer:
+    """Load a registered reward model.
+
+    Args:
+        name: ``"ict"``, ``"hp"`` or ``"ict-hp"`` (see :func:`icthp.list_models`).
+        ict, hp: where the component weights are: hub id (default ``8y/ICT`` / ``8y/HP``), local directory
+            (released or icthp layout), or ``"tiny-random"`` (untrained preset, for tests and demos).
+        device: e.g. ``"cuda"``, ``"cpu"``.
+        dtype: ``"float32"`` (default), ``"bfloat16"`` or ``"float16"`` for the CLIP towers.
+
+    Example:
+        >>> import icthp
+        >>> scorer = icthp.load("ict-hp", device="cuda", dtype="bf16")  # doctest: +SKIP
+        >>> scorer.score_images(["I1.jpg", "I2.jpg"], "a tiny dragon taking a bath in a teacup")  # doctest: +SKIP
+    """
+    from .registry import get_spec
+
+    spec = get_spec(name)
+    dtype = resolve_dtype(dtype)
+    if spec.components == ("ict",):
+        if hp is not None:
+            raise ValueError(f"model {name!r} has no HP component, but hp={hp!r} was given")
+        return ICTScorer.from_pretrained(ict or spec.ict_source, device=device, dtype=dtype, revision=revision)
+    if spec.components == ("hp",):
+        if ict is not None:
+            raise ValueError(f"model {name!r} has no ICT component, but ict={ict!r} was given")
+        return HPScorer.from_pretrained(hp or spec.hp_source, device=device, dtype=dtype, revision=revision)
+    return ICTHPScorer.from_pretrained(ict or spec.ict_source, hp or spec.hp_source, device=device, dtype=dtype,
+                                       revision=revision)
