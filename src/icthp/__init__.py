@@ -6,12 +6,28 @@ Example:
     >>> scorer.score_images(["I1.jpg", "I2.jpg", "I3.png"], "a tiny dragon taking a bath in a teacup")  # doctest: +SKIP
 """
 
-from .checkpoints import CheckpointError
-from .preprocess import ImageLoadError
-from .registry import list_models
-from .scoring import HPScorer, ICTHPScorer, ICTScorer, Ranking, Scorer, Scores, ict_hp_group, load
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+# Public names and the submodule defining each. They are imported on first use, so that importing
+# icthp (e.g. for the CLI's --help) does not pay for torch and transformers.
+_EXPORTS = {
+    "CheckpointError": "errors",
+    "ImageLoadError": "errors",
+    "list_models": "registry",
+    "HPScorer": "scoring",
+    "ICTHPScorer": "scoring",
+    "ICTScorer": "scoring",
+    "Ranking": "scoring",
+    "Scorer": "scoring",
+    "Scores": "scoring",
+    "ict_hp_group": "scoring",
+    "load": "scoring",
+}
 
 __all__ = [
     "CheckpointError",
@@ -27,3 +43,21 @@ __all__ = [
     "list_models",
     "load",
 ]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .errors import CheckpointError, ImageLoadError
+    from .registry import list_models
+    from .scoring import HPScorer, ICTHPScorer, ICTScorer, Ranking, Scorer, Scores, ict_hp_group, load
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'icthp' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import CheckpointError
 from .modeling import (
     DEFAULT_ARCHITECTURE,
     HPModel,
@@ -65,10 +66,6 @@ _HUB_PATTERNS = {
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 _MAX_LISTED = 12
-
-
-class CheckpointError(ValueError):
-    """A checkpoint could not be found, read, or does not match the expected architecture."""
 
 
 @dataclass

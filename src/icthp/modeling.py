@@ -12,6 +12,7 @@ behaves the same on transformers 4.x and 5.x (``get_image_features`` changed its
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from importlib import resources
@@ -66,10 +67,8 @@ def clip_config(config: dict[str, Any] | Any):
 def _select_attention(cfg) -> None:
     # SDPA (fused attention) is the fastest exact implementation on CPU and GPU alike.
     for c in (cfg, cfg.text_config, cfg.vision_config):
-        try:
+        with contextlib.suppress(AttributeError, ValueError):  # very old transformers: keep the default
             c._attn_implementation = "sdpa"
-        except (AttributeError, ValueError):  # pragma: no cover - very old transformers
-            pass
 
 
 def config_to_dict(cfg) -> dict[str, Any]:

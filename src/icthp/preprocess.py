@@ -25,19 +25,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .errors import ImageLoadError
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Decompression-bomb guard for images read from disk (PIL's own default warns at ~89 Mpx).
 MAX_IMAGE_PIXELS = 178_956_970
-
-
-class ImageLoadError(ValueError):
-    """An image file could not be opened or decoded."""
-
-    def __init__(self, source: str, reason: str):
-        super().__init__(f"cannot read image {source}: {reason}")
-        self.source = source
-        self.reason = reason
 
 
 @dataclass(frozen=True)

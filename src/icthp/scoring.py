@@ -8,8 +8,8 @@ Every scorer has
   code does (``CLIPImageProcessor``), batched, decoded in parallel threads; returns CPU float32.
 - ``rank(prompt, images) -> Ranking``: best image first.
 
-:class:`ICTHPScorer` also returns every component at once (:meth:`ICTHPScorer.score_all`,
-:meth:`ICTHPScorer.score_images_all`): ``ict``, ``hp``, ``hp_logit``, ``ict_hp``.
+- ``score_all`` / ``score_images_all -> Scores``: every component the scorer has at once (``ict``; ``hp``
+  and ``hp_logit``; all four with ``ict_hp`` for :class:`ICTHPScorer`).
 
 Scores (method.md section 5):
 
@@ -234,6 +234,8 @@ class Scorer:
 
     name: str = "scorer"
     needs_prompt: bool = True
+    #: names of the columns :meth:`components` returns
+    component_names: tuple[str, ...] = ()
 
     def __init__(self, preprocess: PreprocessConfig, device: torch.device, dtype: torch.dtype):
         self.preprocess = preprocess
@@ -279,7 +281,7 @@ class Scorer:
                 if batch.errors:
                     raise batch.errors[0][1]
                 sub = None if prompt_list is None else [prompt_list[i] for i in batch.indices]
-                out[batch.indices] = self._score_model_inputs(batch.pixel_values.to(self.device), sub).float().cpu()
+                out[batch.indices] = self._score_model_inputs(to_device(batch.pixel_values, self.device), sub).float().cpu()
         return out
 
     def rank(self, prompt: str | None, images: ImageInput | Sequence[ImageInput] | torch.Tensor) -> Ranking:
@@ -298,10 +300,42 @@ class Scorer:
         order = sorted(range(len(scores)), key=lambda i: -float(scores[i]))
         return Ranking(order, [float(s) for s in scores])
 
+    def score_all(self, pixels: torch.Tensor, prompts: str | Sequence[str] | None = None) -> Scores:
+        """Every component this scorer has (e.g. ``hp`` and ``hp_logit``), differentiable, as :class:`Scores`."""
+        pixels = check_pixels(pixels)
+        prompt_list = check_prompts(prompts, pixels.shape[0], self.needs_prompt)
+        inputs = preprocess_tensor(pixels.to(self.device), self.preprocess)
+        return Scores(**self.components(inputs, prompt_list))
+
+    def score_images_all(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        prompts: str | Sequence[str] | None = None,
+        *,
+        batch_size: int = 32,
+        num_workers: int | None = None,
+    ) -> Scores:
+        """Every component for image files / PIL images (released preprocessing); CPU tensors ``[N]``."""
+        images = _check_images(images)
+        prompt_list = check_prompts(prompts, len(images), self.needs_prompt)
+        columns: dict[str, torch.Tensor] = {}
+        with torch.inference_mode():
+            for batch in iter_batches(images, self.preprocess, batch_size, num_workers):
+                if batch.errors:
+                    raise batch.errors[0][1]
+                sub = None if prompt_list is None else [prompt_list[i] for i in batch.indices]
+                for name, value in self.components(to_device(batch.pixel_values, self.device), sub).items():
+                    columns.setdefault(name, torch.empty(len(images)))[batch.indices] = value.float().cpu()
+        return Scores(**columns)
+
     def _group_scores(self, fn, images, prompt) -> torch.Tensor:
         return fn(images, prompt)
 
     # -- implemented by subclasses
+    def components(self, inputs: torch.Tensor, prompts: list[str] | None) -> dict[str, torch.Tensor]:
+        """All score components of preprocessed inputs ``[B, 3, S, S]`` (normalised), as ``{name: [B]}``."""
+        return {self.name: self._score_model_inputs(inputs, prompts)}
+
     def _score_model_inputs(self, inputs: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
         raise NotImplementedError
 
@@ -327,6 +361,7 @@ class ICTScorer(Scorer):
 
     name = "ict"
     needs_prompt = True
+    component_names = ("ict",)
 
     def __init__(self, model: torch.nn.Module, info: CheckpointInfo, tokenizer=None, max_cached_prompts: int = 10_000):
         param = next(model.parameters())
@@ -394,6 +429,7 @@ class HPScorer(Scorer):
 
     name = "hp"
     needs_prompt = False
+    component_names = ("hp", "hp_logit")
 
     def __init__(self, model: HPModel, info: CheckpointInfo):
         param = next(model.vision_model.parameters())
@@ -427,6 +463,10 @@ class HPScorer(Scorer):
     def _score_model_inputs(self, inputs, prompts):
         return torch.sigmoid(self.logits(inputs))
 
+    def components(self, inputs, prompts):
+        logit = self.logits(inputs)
+        return {"hp": torch.sigmoid(logit), "hp_logit": logit}
+
 
 class ICTHPScorer(Scorer):
     """ICT-HP: the paper's combined reward, ``ict * hp`` per image.
@@ -441,6 +481,7 @@ class ICTHPScorer(Scorer):
 
     name = "ict-hp"
     needs_prompt = True
+    component_names = ("ict", "hp", "hp_logit", "ict_hp")
 
     def __init__(self, ict: ICTScorer, hp: HPScorer):
         if ict.preprocess != hp.preprocess:
@@ -463,40 +504,25 @@ class ICTHPScorer(Scorer):
         self.device = torch.device(device)
         return self
 
-    def _all_from_inputs(self, inputs: torch.Tensor, prompts: list[str]) -> Scores:
+    def components(self, inputs, prompts):
         ict = self.ict._score_model_inputs(inputs, prompts)
         logit = self.hp.logits(inputs)
         hp = torch.sigmoid(logit)
-        return Scores(ict=ict, hp=hp, hp_logit=logit, ict_hp=ict * hp)
+        return {"ict": ict, "hp": hp, "hp_logit": logit, "ict_hp": ict * hp}
 
     def _score_model_inputs(self, inputs, prompts):
-        return self._all_from_inputs(inputs, prompts).ict_hp
-
-    def score_all(self, pixels: torch.Tensor, prompts: str | Sequence[str]) -> Scores:
-        """Differentiable ``ict``, ``hp``, ``hp_logit`` and ``ict_hp`` of float pixels ``[B, 3, H, W]``."""
-        pixels = check_pixels(pixels)
-        prompt_list = check_prompts(prompts, pixels.shape[0])
-        return self._all_from_inputs(preprocess_tensor(pixels.to(self.device), self.preprocess), prompt_list)
-
-    def score_images_all(self, images: ImageInput | Sequence[ImageInput], prompts: str | Sequence[str], *,
-                         batch_size: int = 32, num_workers: int | None = None) -> Scores:
-        """All components for image files / PIL images (released preprocessing); CPU tensors ``[N]``."""
-        images = _check_images(images)
-        prompt_list = check_prompts(prompts, len(images))
-        n = len(images)
-        out = Scores(*(torch.empty(n) for _ in range(4)))
-        with torch.inference_mode():
-            for batch in iter_batches(images, self.preprocess, batch_size, num_workers):
-                if batch.errors:
-                    raise batch.errors[0][1]
-                s = self._all_from_inputs(batch.pixel_values.to(self.device), [prompt_list[i] for i in batch.indices])
-                for name, value in s.as_dict().items():
-                    getattr(out, name)[batch.indices] = value.float().cpu()
-        return out
+        return self.components(inputs, prompts)["ict_hp"]
 
     def _group_scores(self, fn, images, prompt) -> torch.Tensor:
         s = self.score_images_all(images, prompt) if fn == self.score_images else self.score_all(images, prompt)
         return ict_hp_group(s.ict, s.hp_logit)
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host-to-device copy; pinned and asynchronous for CUDA so decoding overlaps the transfer."""
+    if device.type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
 def _expand_source(source: str | os.PathLike, kind: str) -> str | os.PathLike:

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import TokenizerNotFoundError
+
 BPE_FILE_NAME = "bpe_simple_vocab_16e6.txt.gz"
 # Packages known to ship the OpenAI CLIP BPE merges, in order of preference.
 _BPE_PACKAGES = ("clip", "open_clip")
@@ -31,10 +33,6 @@ _BPE_PACKAGES = ("clip", "open_clip")
 _N_MERGES = 49152 - 256 - 2
 START_OF_TEXT = "<|startoftext|>"
 END_OF_TEXT = "<|endoftext|>"
-
-
-class TokenizerNotFoundError(RuntimeError):
-    """No CLIP BPE vocabulary could be found on this machine."""
 
 
 def _bytes_to_unicode() -> dict[int, str]:

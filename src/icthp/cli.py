@@ -1,0 +1,309 @@
+"""Command line: ``icthp score | convert | models | preset``. A thin shell over the library.
+
+Heavy imports (torch, transformers) happen inside commands so ``icthp --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    name="icthp",
+    help="ICT and HP reward models for text-to-image generation (arXiv 2507.19002): score images, convert checkpoints.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True, soft_wrap=True)  # paths and messages are never folded
+
+
+class ModelName(str, Enum):
+    ict_hp = "ict-hp"
+    ict = "ict"
+    hp = "hp"
+
+
+class OnError(str, Enum):
+    skip = "skip"
+    fail = "fail"
+
+
+class Layout(str, Enum):
+    icthp = "icthp"
+    released = "released"
+
+
+def _device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _dtype(dtype: str, device: str) -> str:
+    if dtype == "auto":
+        return "bfloat16" if device.startswith("cuda") else "float32"
+    return dtype
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=err, show_time=False, show_path=False)],
+        force=True,
+    )
+    # The CLI prints each checkpoint's description (untrained presets in red) itself; the library's
+    # warnings about the same thing would only repeat it.
+    logging.getLogger("icthp").setLevel(logging.INFO if verbose else logging.ERROR)
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+def _print_table(rows: list[dict], untrained: bool, limit: int) -> None:
+    columns = [c for c in ("ict", "hp", "ict_hp") if any(c in r for r in rows)]
+    folders = {str(Path(r["image"]).parent) for r in rows[:limit]}
+    # One folder: show file names only and the folder in the caption, so the table stays readable.
+    shown = {r["image"]: (Path(r["image"]).name if len(folders) == 1 else r["image"]) for r in rows[:limit]}
+    title = "icthp scores" + ("  [bold red](UNTRAINED tiny-random weights: meaningless)[/]" if untrained else "")
+    table = Table(title=title, show_lines=False, caption=f"in {folders.pop()}" if len(folders) == 1 else None)
+    table.add_column("image", overflow="fold")
+    if any(r.get("prompt") for r in rows):
+        table.add_column("prompt", overflow="ellipsis", max_width=40)
+    if any("role" in r for r in rows):
+        table.add_column("role")
+    for c in columns:
+        table.add_column(c, justify="right")
+    table.add_column("rank", justify="right")
+    for r in rows[:limit]:
+        cells = [shown[r["image"]]]
+        if any(x.get("prompt") for x in rows):
+            cells.append(r.get("prompt") or "")
+        if any("role" in x for x in rows):
+            cells.append(r.get("role") or "")
+        if r.get("error"):
+            cells += ["[red]error[/]"] + [""] * (len(columns) - 1) + [""]
+        else:
+            cells += [_fmt(r.get(c)) for c in columns] + [str(r.get("rank", ""))]
+        table.add_row(*cells)
+    out.print(table)
+    if len(rows) > limit:
+        out.print(f"... {len(rows) - limit} more rows (see --output, or raise --show)")
+
+
+@app.command()
+def score(
+    inputs: Annotated[list[str], typer.Argument(help="Image files, folders, or manifests (.jsonl/.csv/.parquet).")],
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Prompt for every image (overrides manifests).")] = None,
+    model: Annotated[ModelName, typer.Option(help="Which reward to compute.")] = ModelName.ict_hp,
+    ict: Annotated[str | None, typer.Option(help="ICT weights: hub id (default 8y/ICT), directory, or 'tiny-random'.")] = None,
+    hp: Annotated[str | None, typer.Option(help="HP weights: hub id (default 8y/HP), directory, or 'tiny-random'.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write scores to .csv, .jsonl or .parquet.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted job: rows already in --output are not rescored.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --output.")] = False,
+    on_error: Annotated[OnError, typer.Option(help="Unreadable image: record it and go on (skip) or stop (fail).")] = OnError.skip,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per model batch.")] = 32,
+    num_workers: Annotated[int | None, typer.Option(min=0, help="Image decoding threads (default: min(8, CPUs)).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.")] = "auto",
+    image_column: Annotated[list[str] | None, typer.Option(help="Manifest image column(s); default: image, or lose/win/high.")] = None,
+    prompt_column: Annotated[str, typer.Option(help="Manifest prompt column.")] = "prompt",
+    recursive: Annotated[bool, typer.Option(help="Look for images in sub-folders too.")] = False,
+    revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit) of the weights.")] = None,
+    show: Annotated[int, typer.Option(help="Rows to print in the terminal table (0: none).")] = 50,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> int:
+    """Score images with ICT, HP or ICT-HP.
+
+    Examples:
+
+      icthp score images/ --prompt "a tiny dragon taking a bath in a teacup"
+
+      icthp score triplets.jsonl --output scores.parquet --device cuda
+
+      icthp score shared/data/demo/triplets.jsonl --ict tiny-random --hp tiny-random   (offline demo, untrained)
+    """
+    _setup_logging(verbose)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from . import __version__
+    from .files import ImageItem, discover
+    from .jobs import run_score_job
+    from .scoring import load
+
+    items = discover(inputs, recursive=recursive, image_columns=image_column, prompt_column=prompt_column)
+    if prompt is not None:
+        items = [ImageItem(it.image, prompt, it.role, it.group) for it in items]
+    dev = _device(device)
+    t0 = time.perf_counter()
+    scorer = load(model.value, ict=ict, hp=hp, device=dev, dtype=_dtype(dtype, dev), revision=revision)
+    infos = [s.info for s in (getattr(scorer, "ict", None), getattr(scorer, "hp", None), scorer) if hasattr(s, "info")]
+    untrained = any(i.untrained for i in infos)
+    for i in infos:
+        err.print(("[bold red]" if i.untrained else "[dim]") + i.describe() + "[/]")
+    metadata = {
+        "icthp_version": __version__,
+        "model": model.value,
+        "checkpoints": {i.kind: {"source": i.source, "path": i.path, "layout": i.layout, "untrained": i.untrained}
+                        for i in infos},
+        "device": dev,
+        "dtype": str(scorer.dtype).replace("torch.", ""),
+        "preprocessing": "CLIPImageProcessor-equivalent: bicubic shortest side, centre crop, OpenAI mean/std",
+        "untrained": untrained,
+    }
+    with Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=err, transient=True) as bar:
+        task = bar.add_task("score", total=len(items))
+        result = run_score_job(
+            scorer, items, output=output, resume=resume, overwrite=overwrite, on_error=on_error.value,
+            batch_size=batch_size, num_workers=num_workers, metadata=metadata,
+            progress=lambda n: bar.advance(task, n),
+        )
+    if show > 0:
+        _print_table(result.rows, untrained, show)
+    for e in result.errors:
+        err.print(f"[yellow]skipped[/] {e['image']}: {e['error']}")
+    summary = (f"scored {result.scored} image(s), reused {result.reused}, {len(result.errors)} unreadable, "
+               f"in {time.perf_counter() - t0:.1f}s")
+    err.print(summary + (f" -> {result.output}" if result.output else ""))
+    return 0
+
+
+@app.command()
+def convert(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write (ict/ and hp/ inside).")],
+    ict: Annotated[str | None, typer.Option(help="ICT weights to convert: hub id, directory or 'tiny-random'.")] = None,
+    hp: Annotated[str | None, typer.Option(help="HP weights to convert: hub id, directory or 'tiny-random'.")] = None,
+    layout: Annotated[Layout, typer.Option(help="icthp (safetensors + config.json) or released (pytorch_model.bin).")] = Layout.icthp,
+    dtype: Annotated[str | None, typer.Option(help="Cast weights (float32, bfloat16, float16); default: keep.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing output directories.")] = False,
+) -> int:
+    """Convert ICT / HP checkpoints to the icthp format (or back to the released layout), then verify.
+
+    The written checkpoint is read back and compared tensor by tensor with the source.
+    """
+    _setup_logging(False)
+    import torch
+
+    from .checkpoints import load_hp, load_ict, save_hp, save_ict
+    from .scoring import _expand_source
+
+    if ict is None and hp is None:
+        raise typer.BadParameter("give --ict and/or --hp")
+    for kind, src in (("ict", ict), ("hp", hp)):
+        if src is None:
+            continue
+        target = output / kind
+        if target.exists() and not overwrite:
+            raise typer.BadParameter(f"{target} exists; pass --overwrite to replace it")
+        load_fn, save_fn = (load_ict, save_ict) if kind == "ict" else (load_hp, save_hp)
+        # Keep the file's own dtype unless asked to cast: load in fp32 (exact for bf16/fp16 sources).
+        model, info = load_fn(_expand_source(src, kind), dtype="float32")
+        cast = dtype or info.file_dtype.split("/")[0]
+        save_fn(model, target, layout=layout.value, dtype=cast,
+                extra_metadata={"converted_from": str(src), "untrained": info.untrained} if layout.value == "icthp"
+                else ({"untrained": True} if info.untrained else None))
+        back, _ = load_fn(target, dtype="float32")
+        ref = {k: v.to(getattr(torch, cast)) for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+        if kind == "hp":  # the head is always stored in float32
+            ref.update({k: v for k, v in model.state_dict().items() if k.startswith("head.")})
+        got = {k: v for k, v in back.state_dict().items() if not k.endswith("position_ids")}
+        got = {k: (v if k.startswith("head.") else v.to(getattr(torch, cast))) for k, v in got.items()}
+        same = ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+        if not same:
+            err.print(f"[red]verification failed[/]: {target} does not read back identically")
+            return 1
+        out.print(f"{kind.upper()}: {src} -> {target} ({layout.value} layout, {cast}); read back identically "
+                  f"({len(ref)} tensors)")
+    return 0
+
+
+@app.command()
+def models(json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> int:
+    """List the registered reward models, their weights, score ranges and meaning."""
+    import json
+
+    from .registry import TINY_RANDOM, list_models
+
+    specs = list_models()
+    if json_output:
+        out.print_json(json.dumps([s.to_dict() for s in specs]))
+        return 0
+    table = Table(title="icthp models")
+    for col in ("name", "weights", "prompt", "score range", "meaning"):
+        table.add_column(col, overflow="fold")
+    for s in specs:
+        weights = ", ".join(x for x in (s.ict_source, s.hp_source) if x)
+        table.add_row(s.name, weights, "yes" if s.needs_prompt else "no", s.score_range, s.meaning)
+    out.print(table)
+    out.print(f"Any --ict/--hp also takes a local directory, another hub id, or '{TINY_RANDOM}' "
+              "(untrained random weights for offline tests and demos).")
+    return 0
+
+
+@app.command()
+def preset(
+    name: Annotated[str, typer.Argument(help="Preset name (only 'tiny-random').")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write ict/ and hp/ into.")],
+    seed: Annotated[int, typer.Option(help="Random seed of the weights.")] = 0,
+) -> int:
+    """Write a preset's checkpoints in the released layouts (tiny-random: UNTRAINED, for tests and demos)."""
+    from .presets import UNTRAINED_WARNING, write_tiny_preset
+    from .registry import TINY_RANDOM
+
+    if name != TINY_RANDOM:
+        raise typer.BadParameter(f"unknown preset {name!r}; expected {TINY_RANDOM!r}")
+    if output.exists() and any(output.iterdir()):
+        raise typer.BadParameter(f"{output} exists and is not empty")
+    write_tiny_preset(output, seed)
+    out.print(f"wrote {output}/ict and {output}/hp (released layouts). {UNTRAINED_WARNING}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``icthp`` console script; returns the exit code."""
+    # Recent typer vendors click (typer._click); take the exception classes from wherever typer's come from.
+    click_exceptions = sys.modules[typer.BadParameter.__module__]
+
+    from .errors import CheckpointError, ImageLoadError, InputError, TokenizerNotFoundError
+
+    try:
+        code = app(args=argv, prog_name="icthp", standalone_mode=False)
+    except typer.Exit as exc:
+        return exc.exit_code
+    except click_exceptions.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except typer.Abort:
+        err.print("aborted")
+        return 130
+    except KeyboardInterrupt:
+        err.print("interrupted; rerun with --resume to continue")
+        return 130
+    except (InputError, CheckpointError, ImageLoadError, TokenizerNotFoundError, KeyError, ValueError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        err.print(f"[red]error:[/] {msg}", markup=True, highlight=False)
+        return 2
+    except RuntimeError as exc:  # JobError and friends: the message says what happened and what to do
+        err.print(f"[red]error:[/] {exc}", highlight=False)
+        return 1
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Batch scoring jobs: many images, resumable, never losing finished work.
+
+:func:`run_score_job` scores a list of :class:`~icthp.files.ImageItem` with any scorer. Finished rows are
+appended to a journal beside the output after every batch; the output table is written atomically at
+the end; ``resume=True`` reuses every row already scored (in the output or the journal). Unreadable
+images become rows with an ``error`` (``on_error="skip"``) or stop the job (``on_error="fail"``), with
+their path either way.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import JobError
+from .files import ImageItem, InputError, Journal, check_table_path, journal_path, read_rows, write_table
+from .scoring import Scorer, iter_batches, to_device
+
+MAIN_SCORE = {"ict": "ict", "hp": "hp", "ict-hp": "ict_hp"}
+
+
+@dataclass
+class ScoreJobResult:
+    """Outcome of :func:`run_score_job`: rows in input order, and what happened."""
+
+    rows: list[dict[str, Any]]
+    scored: int
+    reused: int
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    output: Path | None = None
+    seconds: float = 0.0
+
+
+def _row(item: ImageItem, columns: Sequence[str], scores: dict[str, float | None], error: str | None) -> dict[str, Any]:
+    row: dict[str, Any] = {"image": item.image, "prompt": item.prompt}
+    if item.role is not None:
+        row["role"] = item.role
+        row["group"] = item.group
+    for name in columns:  # every row has every column (None when unreadable), so tables have one schema
+        row[name] = scores.get(name)
+    row["error"] = error
+    return row
+
+
+def _as_float(value: Any) -> float | None:
+    # Rows read back from CSV hold strings; empty means missing.
+    if value is None or value == "":
+        return None
+    return float(value)
+
+
+def _add_ranks(rows: list[dict[str, Any]], main: str) -> None:
+    """Rank 1 = best, within each triplet group (manifests) or each prompt (files and folders).
+
+    ICT-HP ranks by the released group rule ``ict * softmax_group(hp_logit)`` (as :meth:`Scorer.rank`).
+    """
+    groups: dict[Any, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if r.get(main) is not None:
+            groups[(r.get("group"), r.get("prompt"))].append(r)
+    for members in groups.values():
+        if main == "ict_hp":
+            top = max(r["hp_logit"] for r in members)
+            weights = [math.exp(r["hp_logit"] - top) for r in members]
+            total = sum(weights)
+            keys = [r["ict"] * w / total for r, w in zip(members, weights, strict=True)]
+        else:
+            keys = [r[main] for r in members]
+        order = sorted(range(len(members)), key=lambda i: -keys[i])
+        for rank, i in enumerate(order, 1):
+            members[i]["rank"] = rank
+
+
+def run_score_job(
+    scorer: Scorer,
+    items: Sequence[ImageItem],
+    *,
+    output: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    on_error: str = "skip",
+    batch_size: int = 32,
+    num_workers: int | None = None,
+    metadata: dict[str, Any] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> ScoreJobResult:
+    """Score ``items`` with ``scorer``; write ``output`` (CSV / JSONL / Parquet) if given.
+
+    Args:
+        resume: reuse rows already scored in ``output`` or its journal (``<output>.partial.jsonl``).
+        overwrite: replace an existing ``output`` (otherwise an existing one is an error unless resuming).
+        on_error: ``"skip"`` (record the error, go on) or ``"fail"`` (stop at the first unreadable image).
+        progress: called with the number of images just finished.
+
+    Example:
+        >>> from icthp.files import discover
+        >>> run_score_job(scorer, discover(["images/"]), output="scores.csv")  # doctest: +SKIP
+    """
+    if on_error not in ("skip", "fail"):
+        raise ValueError(f"on_error: expected 'skip' or 'fail', got {on_error!r}")
+    if not items:
+        raise InputError("no images to score")
+    if scorer.needs_prompt:
+        missing = [it.image for it in items if it.prompt is None]
+        if missing:
+            raise InputError(
+                f"{len(missing)} image(s) have no prompt (first: {missing[0]}); model {scorer.name!r} needs one: "
+                "pass --prompt, or a manifest with a prompt column"
+            )
+    start = time.perf_counter()
+    columns = scorer.component_names or (scorer.name,)
+    out_path = check_table_path(output) if output is not None else None
+    journal_file = journal_path(out_path) if out_path is not None else None
+    done: dict[tuple[str, str | None], dict[str, Any]] = {}
+    if out_path is not None:
+        if resume:
+            previous = read_rows(out_path) if out_path.exists() else []
+            for r in previous + Journal.read(journal_file):
+                if not r.get("error"):
+                    done[(r["image"], r.get("prompt") or None)] = r
+        elif out_path.exists() and not overwrite:
+            raise InputError(f"output {out_path} exists; pass --resume to continue it or --overwrite to replace it")
+        elif journal_file.exists():
+            journal_file.unlink()
+
+    # Each distinct (image, prompt) is scored once, even if listed twice.
+    todo_keys = list(dict.fromkeys(it.key for it in items if it.key not in done))
+    results: dict[tuple[str, str | None], tuple[dict[str, float | None], str | None]] = {}
+    journal = Journal(journal_file) if journal_file is not None else None
+    reused = sum(1 for it in items if it.key in done)
+    if progress is not None and reused:
+        progress(reused)
+    by_key = {it.key: it for it in items}
+    try:
+        images = [k[0] for k in todo_keys]
+        with torch.inference_mode():
+            for batch in iter_batches(images, scorer.preprocess, batch_size, num_workers):
+                finished = []
+                for idx, err in batch.errors:
+                    if on_error == "fail":
+                        raise JobError(f"{err}; finished rows are kept in {journal_file} (use --resume)"
+                                       if journal_file else str(err))
+                    results[todo_keys[idx]] = ({}, err.reason)
+                    finished.append(_row(by_key[todo_keys[idx]], columns, {}, err.reason))
+                if batch.pixel_values is not None:
+                    prompts = [todo_keys[i][1] for i in batch.indices]
+                    comps = scorer.components(
+                        to_device(batch.pixel_values, scorer.device), prompts if scorer.needs_prompt else None
+                    )
+                    values = {k: v.float().cpu().tolist() for k, v in comps.items()}
+                    for j, idx in enumerate(batch.indices):
+                        scores = {k: v[j] for k, v in values.items()}
+                        results[todo_keys[idx]] = (scores, None)
+                        finished.append(_row(by_key[todo_keys[idx]], columns, scores, None))
+                if journal is not None:
+                    journal.append(finished)
+                if progress is not None:
+                    progress(len(batch.indices) + len(batch.errors))
+    finally:
+        if journal is not None:
+            journal.close()
+
+    rows, errors = [], []
+    for it in items:
+        if it.key in done:
+            prev = done[it.key]
+            row = _row(it, columns, {k: _as_float(prev.get(k)) for k in columns}, None)
+        else:
+            scores, err = results[it.key]
+            row = _row(it, columns, scores, err)
+            if err:
+                errors.append(row)
+        rows.append(row)
+    _add_ranks(rows, MAIN_SCORE.get(scorer.name, scorer.name))
+    if out_path is not None:
+        write_table(rows, out_path, metadata)
+        journal_file.unlink(missing_ok=True)
+    return ScoreJobResult(rows, len(todo_keys), reused, errors, out_path, time.perf_counter() - start)
