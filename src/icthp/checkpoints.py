@@ -149,7 +149,7 @@ def resolve_source(source: str | os.PathLike, kind: str, revision: str | None = 
         raise CheckpointError(
             f"could not get {kind.upper()} checkpoint {src!r} from the Hugging Face hub ({hint}): "
             f"{type(exc).__name__}: {exc}. Download it where there is network (e.g. `hf download {src} "
-            f"--local-dir DIR`) and pass the directory instead."
+            f"--local-dir DIR`) and pass the directory instead (or 'tiny-random' for an untrained offline demo)."
         ) from exc
 
 
