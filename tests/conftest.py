@@ -56,6 +56,17 @@ def tokenizer():
 
 
 @pytest.fixture(scope="session")
+def hf_image_processor():
+    """The transformers PIL-based CLIP image processor with its defaults (= laion CLIP-H's processor config)."""
+    import transformers
+
+    cls = getattr(transformers, "CLIPImageProcessorPil", None)  # transformers 5 without torchvision
+    if cls is None:
+        cls = transformers.CLIPImageProcessor  # transformers 4.x: PIL / numpy based
+    return cls()
+
+
+@pytest.fixture(scope="session")
 def tiny_dir() -> Path:
     """The tiny-random preset (released layouts) as ``icthp.load(..., "tiny-random")`` reads it."""
     from icthp.presets import tiny_preset_dir

@@ -251,10 +251,16 @@ def _assign(
 ) -> None:
     # Tensors are assigned (not copied into random init); floating ones are cast to the target dtype,
     # except those under `fp32_prefixes` (small heads kept in float32 for accuracy).
+    # Tensors read from disk are views of the memory-mapped file (torch.load(mmap=True), safetensors) and
+    # `.to` returns them unchanged when device and dtype already match: copy those, or rewriting the
+    # checkpoint in place would change the model's weights (or crash with SIGBUS once the file is truncated,
+    # as torch.save to the same path does). The mapped pages are page cache, so peak memory stays one model.
     def cast(k: str, v: torch.Tensor) -> torch.Tensor:
         if not v.is_floating_point():
-            return v.to(device)
-        return v.to(device=device, dtype=torch.float32 if k.startswith(fp32_prefixes) else dtype)
+            out = v.to(device)
+        else:
+            out = v.to(device=device, dtype=torch.float32 if k.startswith(fp32_prefixes) else dtype)
+        return v.clone() if out is v else out
 
     sd = {k: cast(k, v) for k, v in state.items() if not k.endswith("position_ids")}
     module.load_state_dict(sd, strict=False, assign=True)

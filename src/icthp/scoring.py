@@ -401,7 +401,12 @@ class ICTScorer(Scorer):
             self._encode_missing(missing)
         for p in prompts:
             self._cache.move_to_end(p)
-        return torch.stack([self._cache[p] for p in prompts])
+        out = torch.stack([self._cache[p] for p in prompts])
+        # Evict only once this batch's embeddings are read: evicting while encoding could drop a prompt
+        # of this very batch (a cached one, or one of more new prompts than the cache holds).
+        while len(self._cache) > self.max_cached_prompts:
+            self._cache.popitem(last=False)
+        return out
 
     def _encode_missing(self, missing: list[str]) -> None:
         if missing:
@@ -409,8 +414,6 @@ class ICTScorer(Scorer):
             feats = text_features(self.model, ids.to(self.device), mask.to(self.device)).float()
             for p, f in zip(missing, F.normalize(feats, dim=-1), strict=True):
                 self._cache[p] = f
-                if len(self._cache) > self.max_cached_prompts:
-                    self._cache.popitem(last=False)
 
     def image_embeddings(self, inputs: torch.Tensor) -> torch.Tensor:
         """Normalised image features ``[B, P]`` (fp32) of preprocessed inputs ``[B, 3, S, S]``."""
