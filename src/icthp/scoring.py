@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .checkpoints import CheckpointInfo, load_hp, load_ict, resolve_dtype
-from .modeling import HPModel, text_features, vision_features
+from .modeling import text_features, vision_features
 from .preprocess import (
     ImageLoadError,
     PreprocessConfig,
@@ -351,7 +351,41 @@ def _preprocess_config(info: CheckpointInfo) -> PreprocessConfig:
     return PreprocessConfig(size=int(info.architecture["vision_config"]["image_size"]))
 
 
-class ICTScorer(Scorer):
+class _CheckpointScorer(Scorer):
+    """A scorer backed by one checkpoint (ICT or HP): shared loading and device handling."""
+
+    kind: str = ""
+    default_source: str = ""
+
+    def __init__(self, model: torch.nn.Module, info: CheckpointInfo):
+        # The vision tower's dtype is the scorer's dtype (the HP head always stays float32).
+        param = next(model.vision_model.parameters())
+        super().__init__(_preprocess_config(info), param.device, param.dtype)
+        self.model = model
+        self.info = info
+        if info.untrained:
+            logger.warning("%s: %s", self.kind.upper(), info.describe())
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike | None = None, *, device: str | torch.device = "cpu",
+                        dtype: str | torch.dtype | None = None, revision: str | None = None):
+        """Load from a registry name (``tiny-random``), hub id or local directory (released or icthp layout).
+
+        ``source`` defaults to the released weights (``8y/ICT`` / ``8y/HP``).
+        """
+        source = source or cls.default_source
+        loader = load_ict if cls.kind == "ict" else load_hp
+        model, info = loader(_expand_source(source, cls.kind), device=device, dtype=dtype, revision=revision)
+        info.source = str(source)
+        return cls(model, info)
+
+    def to(self, device: str | torch.device):
+        self.model.to(device)
+        self.device = torch.device(device)
+        return self
+
+
+class ICTScorer(_CheckpointScorer):
     """ICT: cosine between the prompt's and the image's CLIP features (Image-Contained-Text).
 
     Example:
@@ -363,31 +397,19 @@ class ICTScorer(Scorer):
     needs_prompt = True
     component_names = ("ict",)
 
+    kind = "ict"
+    default_source = "8y/ICT"
+
     def __init__(self, model: torch.nn.Module, info: CheckpointInfo, tokenizer=None, max_cached_prompts: int = 10_000):
-        param = next(model.parameters())
-        super().__init__(_preprocess_config(info), param.device, param.dtype)
-        self.model = model
-        self.info = info
+        super().__init__(model, info)
         self.context_length = int(info.architecture["text_config"].get("max_position_embeddings", 77))
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(info.path, self.context_length)
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.max_cached_prompts = max_cached_prompts
-        if info.untrained:
-            logger.warning("ICT: %s", info.describe())
-
-    @classmethod
-    def from_pretrained(cls, source: str | os.PathLike = "8y/ICT", *, device: str | torch.device = "cpu",
-                        dtype: str | torch.dtype | None = None, revision: str | None = None) -> ICTScorer:
-        """Load from a registry name (``tiny-random``), hub id or local directory (released or icthp layout)."""
-        model, info = load_ict(_expand_source(source, "ict"), device=device, dtype=dtype, revision=revision)
-        info.source = str(source)
-        return cls(model, info)
 
     def to(self, device: str | torch.device) -> ICTScorer:
-        self.model.to(device)
-        self.device = torch.device(device)
-        self._cache.clear()
-        return self
+        self._cache.clear()  # cached prompt embeddings live on the old device
+        return super().to(device)
 
     def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
         """Normalised text features ``[B, P]`` (fp32); each distinct prompt is encoded once and cached.
@@ -424,7 +446,7 @@ class ICTScorer(Scorer):
         return (self.image_embeddings(inputs) * text).sum(-1)
 
 
-class HPScorer(Scorer):
+class HPScorer(_CheckpointScorer):
     """HP: image quality from the image alone, ``sigmoid(MLP(image_features))`` in (0, 1).
 
     ``score`` returns ``hp``; :meth:`logits` / :meth:`score_logits` return the raw ``hp_logit``.
@@ -434,26 +456,8 @@ class HPScorer(Scorer):
     needs_prompt = False
     component_names = ("hp", "hp_logit")
 
-    def __init__(self, model: HPModel, info: CheckpointInfo):
-        param = next(model.vision_model.parameters())
-        super().__init__(_preprocess_config(info), param.device, param.dtype)
-        self.model = model
-        self.info = info
-        if info.untrained:
-            logger.warning("HP: %s", info.describe())
-
-    @classmethod
-    def from_pretrained(cls, source: str | os.PathLike = "8y/HP", *, device: str | torch.device = "cpu",
-                        dtype: str | torch.dtype | None = None, revision: str | None = None) -> HPScorer:
-        """Load from a registry name (``tiny-random``), hub id or local directory (released or icthp layout)."""
-        model, info = load_hp(_expand_source(source, "hp"), device=device, dtype=dtype, revision=revision)
-        info.source = str(source)
-        return cls(model, info)
-
-    def to(self, device: str | torch.device) -> HPScorer:
-        self.model.to(device)
-        self.device = torch.device(device)
-        return self
+    kind = "hp"
+    default_source = "8y/HP"
 
     def logits(self, inputs: torch.Tensor) -> torch.Tensor:
         """HP logits ``[B]`` (fp32) of preprocessed inputs ``[B, 3, S, S]``."""
