@@ -13,7 +13,7 @@ import torch
 
 import icthp
 from icthp.cli import main
-from icthp.files import journal_path, meta_path, read_rows
+from icthp.files import Journal, journal_path, meta_path, read_rows
 from icthp.scoring import ICTHPScorer
 
 TINY = ["--ict", "tiny-random", "--hp", "tiny-random"]
@@ -221,3 +221,79 @@ def test_console_script_runs():
     assert exe.exists(), "the icthp console script is not installed in this environment"
     res = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and "score" in res.stdout
+
+
+def test_manifest_formats_give_the_same_scores(tmp_path, demo_dir):
+    pd = pytest.importorskip("pandas")
+    rows = [json.loads(x) for x in (demo_dir / "triplets.jsonl").read_text().splitlines() if x.strip()]
+    for r in rows:  # absolute paths, so the manifests can live in tmp_path
+        for role in ("lose", "win", "high"):
+            r[role] = str(demo_dir / r[role])
+    pd.DataFrame(rows).to_csv(tmp_path / "m.csv", index=False)
+    pd.DataFrame(rows).to_parquet(tmp_path / "m.parquet")
+    results = {}
+    for src in (demo_dir / "triplets.jsonl", tmp_path / "m.csv", tmp_path / "m.parquet"):
+        out = tmp_path / f"{src.suffix[1:]}-out.jsonl"
+        assert main(["score", str(src), *TINY, "-o", str(out), "--show", "0"]) == 0
+        results[src.suffix] = [(Path(r["image"]).name, r["role"], r["ict_hp"], r["rank"]) for r in read_rows(out)]
+    assert results[".jsonl"] == results[".csv"] == results[".parquet"]
+
+
+def test_bf16_on_cpu_is_close_to_fp32(tmp_path, demo_dir):
+    outs = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / f"{dtype}.jsonl"
+        assert main(["score", str(demo_dir / "triplets.jsonl"), *TINY, "--dtype", dtype, "-o", str(out)]) == 0
+        outs[dtype] = read_rows(out)
+        assert json.loads(meta_path(out).read_text())["dtype"] == dtype
+    for a, b in zip(outs["float32"], outs["bfloat16"], strict=True):
+        assert a["ict_hp"] != b["ict_hp"]  # really ran in another precision
+        assert abs(a["ict_hp"] - b["ict_hp"]) < 2e-2  # bound measured in tests/test_scoring.py
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert icthp.__version__ in capsys.readouterr().out
+
+
+def test_killed_job_resumes_without_rescoring(tmp_path):
+    """SIGKILL a real `icthp score` process mid-job; --resume finishes it and rescoring nothing."""
+    import signal
+    import time
+
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    n = 120
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (300, 400, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    out = tmp_path / "scores.parquet"
+    exe = str(Path(sys.executable).with_name("icthp"))
+    cmd = [exe, "score", str(folder), "-p", "noise", *TINY, "-o", str(out), "--batch-size", "1", "--show", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    journal = journal_path(out)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if journal.exists() and journal.read_text().count("\n") >= 5:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the job finished before it could be killed; make it longer"
+    assert not out.exists(), "a killed job must not leave a half-written output"
+    done = [r for r in Journal.read(journal) if not r["error"]]  # a torn last line is ignored
+    assert 5 <= len(done) < n
+
+    res = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert f"scored {n - len(done)} image(s), reused {len(done)}" in res.stderr
+    rows = read_rows(out)
+    assert len(rows) == n and not any(r["error"] for r in rows)
+    assert not journal.exists()
+    # Reused rows are the journaled ones, unchanged.
+    by_image = {r["image"]: r for r in rows}
+    for r in done:
+        assert by_image[r["image"]]["ict_hp"] == pytest.approx(r["ict_hp"], abs=1e-7)

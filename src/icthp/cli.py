@@ -27,6 +27,22 @@ out = Console()
 err = Console(stderr=True, soft_wrap=True)  # paths and messages are never folded
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        out.print(f"icthp {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """ICT and HP reward models for text-to-image generation (arXiv 2507.19002)."""
+
+
 class ModelName(str, Enum):
     ict_hp = "ict-hp"
     ict = "ict"
