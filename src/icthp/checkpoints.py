@@ -30,7 +30,8 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -277,6 +278,8 @@ def _read_config(directory: Path) -> tuple[dict[str, Any], bool]:
             return json.loads(cfg_file.read_text(encoding="utf-8")), True
         except json.JSONDecodeError as exc:
             raise CheckpointError(f"{cfg_file} is not valid JSON: {exc}") from exc
+    logger.info("no config.json in %s: assuming the %s architecture (laion CLIP-ViT-H-14)", directory,
+                DEFAULT_ARCHITECTURE)
     return architecture_dict(DEFAULT_ARCHITECTURE), False
 
 
@@ -421,25 +424,19 @@ def load_hp(
 # --------------------------------------------------------------------------------------------- writing
 
 
-def _atomic_dir(target: Path):
-    """Context: yields a temporary sibling directory that replaces ``target`` only once fully written."""
-
-    class _Ctx:
-        def __enter__(self_inner):
-            target.parent.mkdir(parents=True, exist_ok=True)
-            self_inner.tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-            return self_inner.tmp
-
-        def __exit__(self_inner, exc_type, exc, tb):
-            if exc_type is not None:
-                shutil.rmtree(self_inner.tmp, ignore_errors=True)
-                return False
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(self_inner.tmp, target)
-            return False
-
-    return _Ctx()
+@contextmanager
+def _atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory that replaces ``target`` only once fully written."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
 
 
 def _state_for_saving(state: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
