@@ -291,6 +291,15 @@ def preset(
     return 0
 
 
+def _register_subcommands() -> None:
+    from .cli_data import data_app
+
+    app.add_typer(data_app, name="data")
+
+
+_register_subcommands()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``icthp`` console script; returns the exit code."""
     # Recent typer vendors click (typer._click); take the exception classes from wherever typer's come from.

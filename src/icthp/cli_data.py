@@ -1,0 +1,193 @@
+"""``icthp data validate | label | fit-theta | convert``: preference data on the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+data_app = typer.Typer(
+    name="data",
+    help="Triplet / pairwise preference data: validate, label (E1 E2 R1 R2), fit theta, convert.",
+    no_args_is_help=True,
+)
+
+SourceArg = Annotated[str, typer.Argument(help="Released Pick-High root (has Pick-High/) or a manifest (.parquet/.jsonl/.csv).")]
+SplitOpt = Annotated[list[str] | None, typer.Option("--split", help="Split(s) to read (default: all).")]
+PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Trust and unpickle the released .pkl files (unpickling runs code).")]
+
+
+def _consoles():
+    from .cli import err, out
+
+    return out, err
+
+
+def _progress(label: str):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    _, err = _consoles()
+    return Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err,
+                    transient=True)
+
+
+@data_app.command()
+def validate(
+    source: SourceArg,
+    split: SplitOpt = None,
+    allow_pickle: PickleOpt = False,
+    decode: Annotated[bool, typer.Option(help="Decode every image fully (--no-decode: only check it exists).")] = True,
+    num_workers: Annotated[int | None, typer.Option(min=1, help="Image-checking threads.")] = None,
+    examples: Annotated[int, typer.Option(min=0, help="Examples shown per kind of problem.")] = 5,
+    json_output: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON.")] = None,
+) -> int:
+    """Check columns, types, label ranges, E1 <= E2, and that every image exists and decodes.
+
+    Exits 1 when a problem is found. Rows are streamed; images are checked in threads.
+    """
+    from .data import validate as run_validate
+
+    out, _ = _consoles()
+    with _progress("validating") as bar:
+        task = bar.add_task("rows", total=None)
+        report = run_validate(source, split=split, allow_pickle=allow_pickle, decode=decode, num_workers=num_workers,
+                              progress=lambda n: bar.advance(task, n), max_examples_per_kind=examples,
+                              on_total=lambda total: bar.update(task, total=total))
+    out.print(f"[bold]{report.source}[/]")
+    splits = ", ".join(f"{k}: {v}" for k, v in report.splits.items()) or "-"
+    out.print(f"rows: {report.rows}   splits: {splits}   labelled: {report.labelled}   images checked: {report.images_checked}")
+    if report.ok:
+        out.print("[green]no problems found[/]")
+    else:
+        table = Table(title="problems")
+        for col in ("kind", "count"):
+            table.add_column(col)
+        for kind, count in report.counts.most_common():
+            table.add_row(kind, str(count))
+        out.print(table)
+        ex = Table(title="first examples")
+        for col in ("kind", "row", "column", "message"):
+            ex.add_column(col, overflow="fold")
+        for p in report.examples:
+            ex.add_row(p.kind, "-" if p.row is None else str(p.row), p.column or "-", p.message)
+        out.print(ex)
+    if json_output is not None:
+        from .files import atomic_path
+
+        with atomic_path(json_output) as tmp:
+            tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    return 0 if report.ok else 1
+
+
+@data_app.command()
+def label(
+    source: SourceArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="New manifest with E1 E2 R1 R2 (.parquet/.jsonl/.csv).")],
+    theta: Annotated[float, typer.Option(min=1e-6, help="Cosine threshold: C = min(cos / theta, 1). Not published; measure it with `icthp data fit-theta`.")],
+    clip: Annotated[str, typer.Option(help="Labelling CLIP: hub id, directory, or 'tiny-random' (untrained).")] = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+    split: SplitOpt = None,
+    allow_pickle: PickleOpt = False,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted job without recomputing finished rows.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --output.")] = False,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    num_workers: Annotated[int | None, typer.Option(min=0)] = None,
+    device: Annotated[str, typer.Option()] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.")] = "auto",
+) -> int:
+    """Build the ICT labels E1 E2 R1 R2 of triplets with a CLIP (method.md section 2), into a new manifest."""
+    from .cli import _device, _dtype
+    from .data import read_triplets
+    from .labels import label_job
+    from .scoring import ICTScorer
+
+    out, err = _consoles()
+    triplets = read_triplets(source, split, allow_pickle)
+    dev = _device(device)
+    scorer = ICTScorer.from_pretrained(clip, device=dev, dtype=_dtype(dtype, dev))
+    err.print(("[bold red]" if scorer.info.untrained else "[dim]") + f"labelling CLIP: {scorer.info.describe()}[/]")
+    with _progress("labelling") as bar:
+        task = bar.add_task("rows", total=len(triplets))
+        result = label_job(scorer, triplets, output, theta=theta, source=source, resume=resume, overwrite=overwrite,
+                           batch_size=batch_size, num_workers=num_workers, progress=lambda n: bar.advance(task, n))
+    out.print(f"labelled {result.labelled} row(s), reused {result.reused}, theta {theta} -> {result.output}")
+    return 0
+
+
+@data_app.command("fit-theta")
+def fit_theta_command(
+    source: SourceArg,
+    clip: Annotated[str, typer.Option(help="The CLIP the labels were made with: hub id, directory or 'tiny-random'.")] = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+    split: SplitOpt = None,
+    allow_pickle: PickleOpt = False,
+    limit: Annotated[int | None, typer.Option(min=1, help="Use only the first N labelled rows (theta needs few).")] = None,
+    tolerance: Annotated[float, typer.Option(help="Relative spread / R-ratio error still called consistent.")] = 1e-3,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    device: Annotated[str, typer.Option()] = "auto",
+    dtype: Annotated[str, typer.Option()] = "float32",
+    json_output: Annotated[Path | None, typer.Option("--json", help="Also write the fit as JSON.")] = None,
+) -> int:
+    """Measure theta from labelled triplets and check the labels follow the formula.
+
+    For rows with E2 < 1, cos(I2, P)/E2 must be constant (= theta); R/E must equal the prompts' text cosine.
+    Exits 1 if the labels are not consistent with the formula at --tolerance.
+    """
+    from .cli import _device, _dtype
+    from .data import read_triplets
+    from .labels import fit_theta, triplet_cosines
+    from .scoring import ICTScorer
+
+    out, err = _consoles()
+    rows = [t for t in read_triplets(source, split, allow_pickle) if t.has_labels]
+    if limit:
+        rows = rows[:limit]
+    if not rows:
+        err.print("[red]error:[/] no labelled rows (E1 E2 R1 R2) in the source")
+        return 2
+    dev = _device(device)
+    scorer = ICTScorer.from_pretrained(clip, device=dev, dtype=_dtype(dtype, dev))
+    cos = triplet_cosines(scorer, rows, batch_size=batch_size)
+    fit = fit_theta(rows, cos, tolerance=tolerance)
+    table = Table(title=f"theta from {len(rows)} labelled rows")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row("theta (median of cos/E)", "-" if fit.theta is None else f"{fit.theta:.6f}")
+    table.add_row("estimates used", str(fit.estimates))
+    table.add_row("relative spread (max-min)/theta", "-" if fit.relative_spread is None else f"{fit.relative_spread:.3g}")
+    for k, v in fit.quantiles.items():
+        table.add_row(f"estimate {k}", f"{v:.6f}")
+    table.add_row("rows with E2 = 1 (clamped)", str(fit.clamped_rows))
+    table.add_row("clamped rows with cos < theta", str(fit.clamped_violations))
+    table.add_row("max |R/E - text cosine|", "-" if fit.r_ratio_max_error is None else f"{fit.r_ratio_max_error:.3g}")
+    out.print(table)
+    verdict = "[green]consistent with the label formula[/]" if fit.consistent else "[red]NOT consistent with the label formula[/]"
+    out.print(f"{verdict} (tolerance {tolerance})")
+    if json_output is not None:
+        from .files import atomic_path
+
+        with atomic_path(json_output) as tmp:
+            tmp.write_text(json.dumps(fit.to_dict(), indent=2) + "\n")
+    return 0 if fit.consistent else 1
+
+
+@data_app.command("convert")
+def convert_command(
+    source: SourceArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="A .parquet/.jsonl/.csv manifest, or a folder for the released layout.")],
+    split: SplitOpt = None,
+    allow_pickle: PickleOpt = False,
+    copy: Annotated[bool, typer.Option(help="Copy images into a released layout instead of hard-linking them.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+) -> int:
+    """Convert released Pick-High layout <-> manifest, or Parquet <-> JSONL <-> CSV, keeping every column."""
+    from .data import convert, read_triplets
+
+    out, _ = _consoles()
+    if Path(output).exists() and not overwrite:
+        raise typer.BadParameter(f"{output} exists; pass --overwrite to replace it")
+    convert(source, output, split=split, allow_pickle=allow_pickle, link=not copy)
+    n = len(read_triplets(output, allow_pickle=True) if Path(output).is_dir() else read_triplets(output))
+    out.print(f"{source} -> {output}: {n} triplet(s)")
+    return 0

@@ -1,0 +1,258 @@
+"""ICT labels (method.md section 2): building E1 E2 R1 R2 with a CLIP, and measuring theta from labels.
+
+::
+
+    C(I, P) = min(cos_clip(I, P) / theta, 1)      thresholded image-text cosine (floored at 0 by icthp)
+    E3 = R3 = 1                                    the refined image contains both prompts
+    E2 = C(I2, P_easy)
+    E1 = min(C(I1, P_easy), E2)                    keeps E1 <= E2
+    R2 = E2 * cos_text(P_easy, P_ref)              text-text cosine of the two prompts (floored at 0)
+    R1 = E1 * cos_text(P_easy, P_ref)
+
+The labelling CLIP defaults to the base laion CLIP-ViT-H-14 and theta is not published: with released
+labels at hand, :func:`fit_theta` measures it (for rows with E2 < 1, cos/E2 is constant) and checks that
+R/E equals the text-text cosine.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import Triplet, write_manifest
+from .errors import InputError
+from .files import Journal, journal_path
+from .scoring import ICTScorer, iter_batches, to_device
+
+DEFAULT_LABEL_CLIP = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+
+
+def ict_labels(cos_lose: torch.Tensor, cos_win: torch.Tensor, text_cos: torch.Tensor, theta: float) -> dict[str, torch.Tensor]:
+    """The label formulas on tensors ``[B]`` of cosines. Returns ``{"E1", "E2", "R1", "R2"}``.
+
+    Example:
+        >>> ict_labels(torch.tensor([0.2]), torch.tensor([0.25]), torch.tensor([0.8]), theta=0.3)["E2"]
+        tensor([0.8333])
+    """
+    if not theta > 0:
+        raise ValueError(f"theta must be > 0, got {theta}")
+    # icthp floors C and the text cosine at 0 so labels stay in [0, 1] (a negative cosine means "nothing of
+    # the prompt"); with CLIP-H on real image-prompt pairs cosines are positive and the floor never acts.
+    c_lose = torch.clamp(cos_lose / theta, min=0.0, max=1.0)
+    e2 = torch.clamp(cos_win / theta, min=0.0, max=1.0)
+    e1 = torch.minimum(c_lose, e2)
+    t = torch.clamp(text_cos, min=0.0, max=1.0)
+    return {"E1": e1, "E2": e2, "R1": e1 * t, "R2": e2 * t}
+
+
+@dataclass
+class Cosines:
+    """CLIP cosines of triplets: image-text ``cos_lose``, ``cos_win`` (with the easy prompt), text-text ``text``."""
+
+    cos_lose: torch.Tensor
+    cos_win: torch.Tensor
+    text: torch.Tensor
+
+
+def triplet_cosines(
+    clip: ICTScorer,
+    triplets: Sequence[Triplet],
+    *,
+    batch_size: int = 32,
+    num_workers: int | None = None,
+) -> Cosines:
+    """CLIP cosines needed by the labels (I3 is never encoded: E3 = R3 = 1 by definition).
+
+    Raises:
+        InputError: a triplet has no refined prompt, or an image cannot be read (named).
+    """
+    missing = [t.index for t in triplets if not t.refined_prompt]
+    if missing:
+        raise InputError(f"row {missing[0]} has no refined_prompt: R1/R2 need it ({len(missing)} such rows)")
+    images = [p for t in triplets for p in (t.lose, t.win)]
+    prompts = [t.prompt for t in triplets for _ in (0, 1)]
+    cos = torch.empty(len(images))
+    with torch.inference_mode():
+        for batch in iter_batches(images, clip.preprocess, batch_size, num_workers):
+            if batch.errors:
+                idx, err = batch.errors[0]
+                raise InputError(f"row {triplets[idx // 2].index}: {err}")
+            feats = clip.image_embeddings(to_device(batch.pixel_values, clip.device))
+            text = clip.text_embeddings([prompts[i] for i in batch.indices])
+            cos[batch.indices] = (feats * text).sum(-1).float().cpu()
+        easy = clip.text_embeddings([t.prompt for t in triplets])
+        refined = clip.text_embeddings([t.refined_prompt for t in triplets])  # type: ignore[misc]
+        text_cos = (easy * refined).sum(-1).float().cpu()
+    return Cosines(cos_lose=cos[0::2], cos_win=cos[1::2], text=text_cos)
+
+
+def _with_labels(t: Triplet, labels: dict[str, float]) -> Triplet:
+    return replace(t, **labels)
+
+
+@dataclass
+class LabelJobResult:
+    """Outcome of :func:`label_job`."""
+
+    output: Path
+    rows: int
+    labelled: int
+    reused: int
+
+
+def label_job(
+    clip: ICTScorer,
+    triplets: Sequence[Triplet],
+    output: str | Path,
+    *,
+    theta: float,
+    source: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    batch_size: int = 32,
+    rows_per_chunk: int = 256,
+    num_workers: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> LabelJobResult:
+    """Label triplets (E1 E2 R1 R2) and write a new manifest; resumable; never overwrites its input.
+
+    Rows are processed ``rows_per_chunk`` at a time; each finished chunk is journaled beside the output,
+    so a killed job continues with ``resume=True`` without recomputing finished rows.
+    """
+    out = Path(output)
+    if source is not None and out.resolve() == Path(source).resolve():
+        raise InputError(f"output {out} is the input; labels are written to a new manifest")
+    if out.exists() and not (resume or overwrite):
+        raise InputError(f"output {out} exists; pass --resume to continue it or --overwrite to replace it")
+    journal_file = journal_path(out)
+    done: dict[int, dict[str, float]] = {}
+    if resume:
+        for r in Journal.read(journal_file):
+            done[int(r["index"])] = {k: float(r[k]) for k in ("E1", "E2", "R1", "R2")}
+        if out.exists() and not done:
+            # A finished output (no journal left): reuse it if it is this job's, row for row.
+            from .data import read_triplets
+
+            previous = read_triplets(out)
+            if len(previous) == len(triplets) and all(p.has_labels for p in previous):
+                for t, p in zip(triplets, previous, strict=True):
+                    done[t.index] = {k: getattr(p, k) for k in ("E1", "E2", "R1", "R2")}
+    elif journal_file.exists():
+        journal_file.unlink()
+    todo = [t for t in triplets if t.index not in done]
+    if progress is not None and len(triplets) - len(todo):
+        progress(len(triplets) - len(todo))
+    journal = Journal(journal_file)
+    try:
+        for start in range(0, len(todo), rows_per_chunk):
+            chunk = todo[start : start + rows_per_chunk]
+            c = triplet_cosines(clip, chunk, batch_size=batch_size, num_workers=num_workers)
+            labels = ict_labels(c.cos_lose.double(), c.cos_win.double(), c.text.double(), theta)
+            rows = []
+            for i, t in enumerate(chunk):
+                values = {k: float(v[i]) for k, v in labels.items()}
+                done[t.index] = values
+                rows.append({"index": t.index, **values})
+            journal.append(rows)
+            if progress is not None:
+                progress(len(chunk))
+    finally:
+        journal.close()
+    write_manifest((_with_labels(t, done[t.index]) for t in triplets), out)
+    journal_file.unlink(missing_ok=True)
+    return LabelJobResult(out, len(triplets), len(todo), len(triplets) - len(todo))
+
+
+# --------------------------------------------------------------------------------------------- theta
+
+
+@dataclass
+class ThetaFit:
+    """What :func:`fit_theta` measured.
+
+    Attributes:
+        theta: median of the per-row estimates ``cos / E`` over unclamped labels (None if no row qualifies).
+        estimates: number of per-row estimates used (from E2 < 1, and from E1 when E1 < E2).
+        relative_spread: (max - min) / median of the estimates: ~0 when the labels follow the formula.
+        clamped_rows: rows with E2 = 1; ``clamped_violations`` of them have ``cos(I2, P) < theta``.
+        r_ratio_max_error: max |R/E - cos_text| over rows with E > 0 (0 when R = E x text cosine).
+        consistent: all of the above within ``tolerance``.
+    """
+
+    theta: float | None
+    estimates: int
+    relative_spread: float | None
+    quantiles: dict[str, float]
+    clamped_rows: int
+    clamped_violations: int
+    r_ratio_max_error: float | None
+    rows: int
+    tolerance: float
+    consistent: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+def fit_theta(
+    triplets: Sequence[Triplet],
+    cosines: Cosines,
+    *,
+    tolerance: float = 1e-3,
+    clamp_eps: float = 1e-6,
+) -> ThetaFit:
+    """Estimate theta from labelled triplets and the labelling CLIP's cosines, and check the labels' consistency.
+
+    For a row with ``E2 < 1`` the formula gives ``E2 = cos_win / theta``, so ``cos_win / E2`` estimates theta;
+    likewise ``cos_lose / E1`` when ``E1 < E2`` (E1 not clamped by E2). ``R / E`` must equal the text cosine.
+
+    Example:
+        >>> fit = fit_theta(rows, triplet_cosines(clip, rows))  # doctest: +SKIP
+        >>> fit.theta, fit.consistent  # doctest: +SKIP
+    """
+    unlabelled = [t.index for t in triplets if not t.has_labels]
+    if unlabelled:
+        raise InputError(f"{len(unlabelled)} row(s) have no E1/E2/R1/R2 labels (first: row {unlabelled[0]})")
+    estimates, r_errors = [], []
+    clamped = violations = 0
+    e2_all = [float(t.E2) for t in triplets]  # type: ignore[arg-type]
+    for i, t in enumerate(triplets):
+        cw, cl, tc = float(cosines.cos_win[i]), float(cosines.cos_lose[i]), float(cosines.text[i])
+        e1, e2, r1, r2 = float(t.E1), e2_all[i], float(t.R1), float(t.R2)  # type: ignore[arg-type]
+        if e2 < 1 - clamp_eps:
+            if e2 > clamp_eps:
+                estimates.append(cw / e2)
+        else:
+            clamped += 1
+        if clamp_eps < e1 < e2 - clamp_eps:  # E1 not clamped by E2: E1 = cos_lose / theta
+            estimates.append(cl / e1)
+        for r, e in ((r1, e1), (r2, e2)):
+            if e > clamp_eps:
+                r_errors.append(abs(r / e - tc))
+    theta = statistics.median(estimates) if estimates else None
+    spread = (max(estimates) - min(estimates)) / abs(theta) if estimates and theta else None
+    if theta is not None:
+        # Clamped rows (E2 = 1) need cos(I2, P) >= theta.
+        violations = sum(
+            1 for i, e2 in enumerate(e2_all) if e2 >= 1 - clamp_eps and float(cosines.cos_win[i]) < theta * (1 - tolerance)
+        )
+    quantiles = {}
+    if estimates:
+        s = sorted(estimates)
+        for q in (0.01, 0.25, 0.5, 0.75, 0.99):
+            quantiles[f"q{int(q * 100):02d}"] = s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
+    r_max = max(r_errors) if r_errors else None
+    consistent = (
+        theta is not None
+        and spread is not None and spread <= tolerance
+        and violations == 0
+        and (r_max is None or r_max <= tolerance)
+    )
+    return ThetaFit(theta, len(estimates), spread, quantiles, clamped, violations, r_max, len(triplets), tolerance,
+                    consistent)
