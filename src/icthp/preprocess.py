@@ -15,6 +15,7 @@ normalise with the OpenAI CLIP mean and std.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -64,28 +65,32 @@ def crop_box(height: int, width: int, size: int) -> tuple[int, int]:
     return (height - size) // 2, (width - size) // 2
 
 
-def load_image(image: str | os.PathLike | Image.Image) -> Image.Image:
-    """Open an image path (or pass a PIL image through) and convert it to RGB.
+def load_image(image: str | os.PathLike | bytes | Image.Image) -> Image.Image:
+    """Open an image path or encoded bytes (or pass a PIL image through) and convert it to RGB.
 
     Raises:
         ImageLoadError: missing, unreadable, corrupt or oversized file (the message names the path).
     """
     if isinstance(image, Image.Image):
         return image.convert("RGB") if image.mode != "RGB" else image
-    path = Path(image)
-    if not path.is_file():
-        raise ImageLoadError(str(path), "no such file")
+    if isinstance(image, (bytes, bytearray)):  # encoded image bytes (e.g. Pick-a-Pic parquet columns)
+        source, opener = f"<{len(image)} bytes>", io.BytesIO(image)
+    else:
+        path = Path(image)
+        if not path.is_file():
+            raise ImageLoadError(str(path), "no such file")
+        source, opener = str(path), path
     try:
-        with Image.open(path) as im:
+        with Image.open(opener) as im:
             w, h = im.size
             if w * h > MAX_IMAGE_PIXELS:
-                raise ImageLoadError(str(path), f"{w}x{h} pixels exceeds the limit of {MAX_IMAGE_PIXELS}")
+                raise ImageLoadError(source, f"{w}x{h} pixels exceeds the limit of {MAX_IMAGE_PIXELS}")
             im.load()  # decode now so a truncated file fails here, with its path
             return im.convert("RGB")
     except ImageLoadError:
         raise
     except Exception as exc:
-        raise ImageLoadError(str(path), f"{type(exc).__name__}: {exc}") from exc
+        raise ImageLoadError(source, f"{type(exc).__name__}: {exc}") from exc
 
 
 def pil_to_model_input(image: Image.Image, cfg: PreprocessConfig = PreprocessConfig()) -> torch.Tensor:
