@@ -60,9 +60,11 @@ PRESET_MARKER = "icthp_preset.json"
 WEIGHTS_SAFETENSORS = "model.safetensors"
 RELEASED_WEIGHTS = ("pytorch_model.bin", "model.safetensors")
 RELEASED_MLP_WEIGHTS = ("mlp_pytorch_model.bin", "mlp_model.safetensors")
+# Files fetched from the hub, in order of preference: safetensors first, .bin only where no safetensors
+# exists (repositories such as laion's CLIP-H hold both, 4 GB each; never download both).
 _HUB_PATTERNS = {
-    "ict": ["*.json", "*.txt", "pytorch_model.bin", "model.safetensors"],
-    "hp": ["*.json", "*.txt", "*/*.json", "*/pytorch_model.bin", "*/model.safetensors", "*/mlp_*", "model.safetensors"],
+    "ict": (["*.json", "*.txt", "model.safetensors"], ["*.json", "*.txt", "pytorch_model.bin"]),
+    "hp": (["*.json", "*.txt", "*/*.json", "*/pytorch_model.bin", "*/model.safetensors", "*/mlp_*", "model.safetensors"],),
 }
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -139,7 +141,11 @@ def resolve_source(source: str | os.PathLike, kind: str, revision: str | None = 
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id=src, revision=revision, allow_patterns=_HUB_PATTERNS[kind]))
+        for patterns in _HUB_PATTERNS[kind]:
+            local = Path(snapshot_download(repo_id=src, revision=revision, allow_patterns=patterns))
+            if kind != "ict" or _first_existing(local, (WEIGHTS_SAFETENSORS, *RELEASED_WEIGHTS)):
+                return local
+        return local
     except Exception as exc:  # network, offline cache miss, gated repo...
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
         hint = (
