@@ -297,3 +297,14 @@ def test_killed_job_resumes_without_rescoring(tmp_path):
     by_image = {r["image"]: r for r in rows}
     for r in done:
         assert by_image[r["image"]]["ict_hp"] == pytest.approx(r["ict_hp"], abs=1e-7)
+
+
+def test_pairwise_manifest_is_scored_with_roles(tmp_path, demo_dir):
+    manifest = tmp_path / "pairs.jsonl"
+    manifest.write_text(json.dumps({"prompt": "a wooden car", "image_a": str(demo_dir / "Ferrari_car_I1.jpg"),
+                                    "image_b": str(demo_dir / "Ferrari_car_I3.png"), "winner": "b"}) + "\n")
+    out = tmp_path / "pairs-scores.jsonl"
+    assert main(["score", str(manifest), *TINY, "-o", str(out)]) == 0
+    rows = read_rows(out)
+    assert [r["role"] for r in rows] == ["image_a", "image_b"]
+    assert sorted(r["rank"] for r in rows) == [1, 2]

@@ -29,7 +29,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 MANIFEST_EXTENSIONS = (".jsonl", ".csv", ".parquet")
 TABLE_EXTENSIONS = (".csv", ".jsonl", ".parquet")
 IMAGE_COLUMN_CANDIDATES = ("image", "image_path", "path", "file", "filename")
-TRIPLET_COLUMN_CANDIDATES = (("lose", "I1"), ("win", "I2"), ("high", "I3"), ("refined", "I3"))
+# Multi-image rows: triplets (lose / win / high or refined) and pairs (image_a / image_b), first match wins.
+ROLE_COLUMN_GROUPS = (("lose", "win", "high", "refined"), ("image_a", "image_b"))
 
 
 @dataclass(frozen=True)
@@ -126,11 +127,13 @@ def items_from_manifest(
         if single is not None:
             roles = [(single, None)]
         else:
-            roles = [(c, c) for c, _ in TRIPLET_COLUMN_CANDIDATES if c in columns]
+            roles = next(([(c, c) for c in group if c in columns] for group in ROLE_COLUMN_GROUPS
+                          if any(c in columns for c in group)), [])
             if not roles:
                 raise InputError(
                     f"manifest {path}: no image column; expected one of {', '.join(IMAGE_COLUMN_CANDIDATES)} "
-                    f"or triplet columns lose/win/high (or name them with --image-column); columns are {columns}"
+                    f"or triplet columns lose/win/high, or pair columns image_a/image_b (or name them with --image-column); "
+                    f"columns are {columns}"
                 )
     has_prompt = prompt_column in columns
     items = []
