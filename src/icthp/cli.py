@@ -185,11 +185,19 @@ def score(
     with Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=err, transient=True) as bar:
         task = bar.add_task("score", total=len(items))
-        result = run_score_job(
-            scorer, items, output=output, resume=resume, overwrite=overwrite, on_error=on_error.value,
-            batch_size=batch_size, num_workers=num_workers, metadata=metadata,
-            progress=lambda n: bar.advance(task, n),
-        )
+        try:
+            result = run_score_job(
+                scorer, items, output=output, resume=resume, overwrite=overwrite, on_error=on_error.value,
+                batch_size=batch_size, num_workers=num_workers, metadata=metadata,
+                progress=lambda n: bar.advance(task, n),
+            )
+        except KeyboardInterrupt:
+            # typer turns KeyboardInterrupt into a silent exit: say what was kept and how to go on.
+            from .files import journal_path
+
+            kept = f"finished rows are kept in {journal_path(output)}; rerun with --resume" if output else "nothing written"
+            err.print(f"interrupted: {kept}", highlight=False)
+            raise typer.Exit(130) from None
     if show > 0:
         _print_table(result.rows, untrained, show)
     for e in result.errors:

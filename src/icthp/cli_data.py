@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 data_app = typer.Typer(
@@ -56,9 +57,12 @@ def validate(
         report = run_validate(source, split=split, allow_pickle=allow_pickle, decode=decode, num_workers=num_workers,
                               progress=lambda n: bar.advance(task, n), max_examples_per_kind=examples,
                               on_total=lambda total: bar.update(task, total=total))
-    out.print(f"[bold]{report.source}[/]")
+    # Sources, paths and messages are printed whole (soft_wrap) and escaped: a path folded across lines
+    # cannot be copied or searched for, and one holding "[...]" would be read as markup.
+    out.print(f"[bold]{escape(report.source)}[/]", soft_wrap=True)
     splits = ", ".join(f"{k}: {v}" for k, v in report.splits.items()) or "-"
-    out.print(f"rows: {report.rows}   splits: {splits}   labelled: {report.labelled}   images checked: {report.images_checked}")
+    out.print(f"rows: {report.rows}   splits: {escape(splits)}   labelled: {report.labelled}   "
+              f"images checked: {report.images_checked}", soft_wrap=True)
     if report.ok:
         out.print("[green]no problems found[/]")
     else:
@@ -68,12 +72,11 @@ def validate(
         for kind, count in report.counts.most_common():
             table.add_row(kind, str(count))
         out.print(table)
-        ex = Table(title="first examples")
-        for col in ("kind", "row", "column", "message"):
-            ex.add_column(col, overflow="fold")
+        out.print("[bold]first examples[/] (rows counted from 0, in source order):")
         for p in report.examples:
-            ex.add_row(p.kind, "-" if p.row is None else str(p.row), p.column or "-", p.message)
-        out.print(ex)
+            where = "whole source" if p.row is None else f"row {p.row}"
+            column = f", column {escape(p.column)}" if p.column else ""
+            out.print(f"  [red]{p.kind}[/]  {where}{column}: {escape(p.message)}", soft_wrap=True, highlight=False)
     if json_output is not None:
         from .files import atomic_path
 
@@ -100,19 +103,30 @@ def label(
     """Build the ICT labels E1 E2 R1 R2 of triplets with a CLIP (method.md section 2), into a new manifest."""
     from .cli import _device, _dtype
     from .data import read_triplets
-    from .labels import label_job
+    from .labels import check_label_output, label_job
     from .scoring import ICTScorer
 
     out, err = _consoles()
+    check_label_output(output, source, resume=resume, overwrite=overwrite)  # before loading a 4 GB CLIP
     triplets = read_triplets(source, split, allow_pickle)
     dev = _device(device)
     scorer = ICTScorer.from_pretrained(clip, device=dev, dtype=_dtype(dtype, dev))
     err.print(("[bold red]" if scorer.info.untrained else "[dim]") + f"labelling CLIP: {scorer.info.describe()}[/]")
-    with _progress("labelling") as bar:
-        task = bar.add_task("rows", total=len(triplets))
-        result = label_job(scorer, triplets, output, theta=theta, source=source, resume=resume, overwrite=overwrite,
-                           batch_size=batch_size, num_workers=num_workers, progress=lambda n: bar.advance(task, n))
-    out.print(f"labelled {result.labelled} row(s), reused {result.reused}, theta {theta} -> {result.output}")
+    try:
+        with _progress("labelling") as bar:
+            task = bar.add_task("rows", total=len(triplets))
+            result = label_job(scorer, triplets, output, theta=theta, source=source, resume=resume,
+                               overwrite=overwrite, batch_size=batch_size, num_workers=num_workers,
+                               progress=lambda n: bar.advance(task, n))
+    except KeyboardInterrupt:
+        # typer turns a KeyboardInterrupt into a silent exit 130: say what was kept and how to go on.
+        from .files import journal_path
+
+        err.print(f"interrupted: finished rows are kept in {escape(str(journal_path(output)))}; rerun with --resume "
+                  "to continue", soft_wrap=True)
+        raise typer.Exit(130) from None
+    out.print(f"labelled {result.labelled} row(s), reused {result.reused}, theta {theta} -> {escape(str(result.output))}",
+              soft_wrap=True)
     return 0
 
 
@@ -189,5 +203,5 @@ def convert_command(
         raise typer.BadParameter(f"{output} exists; pass --overwrite to replace it")
     convert(source, output, split=split, allow_pickle=allow_pickle, link=not copy)
     n = len(read_triplets(output, allow_pickle=True) if Path(output).is_dir() else read_triplets(output))
-    out.print(f"{source} -> {output}: {n} triplet(s)")
+    out.print(f"{escape(str(source))} -> {escape(str(output))}: {n} triplet(s)", soft_wrap=True)
     return 0

@@ -112,11 +112,12 @@ class PreferencePair:
 def _relative(path: str, base: Path | None) -> str:
     if base is None:
         return path
-    p = Path(path)
+    # abspath, not resolve: symlinked images (e.g. a hub snapshot's blobs) keep their own names.
+    p, b = Path(os.path.abspath(path)), Path(os.path.abspath(base))
     try:
-        return p.resolve().relative_to(base.resolve()).as_posix()
+        return p.relative_to(b).as_posix()
     except ValueError:
-        return str(p.resolve())
+        return str(p)
 
 
 def _resolve(base: Path, value: Any) -> Any:
@@ -232,22 +233,17 @@ def _manifest_rows(path: Path) -> RawRows:
         import json
 
         def source() -> Iterator[dict[str, Any]]:
-            with path.open(encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            yield json.loads(line)
-                        except json.JSONDecodeError as exc:
-                            raise InputError(f"{path}, line {n}: not valid JSON ({exc.msg})") from None
+            yield from _jsonl_objects(path)
 
         columns = []
         with path.open(encoding="utf-8") as f:  # columns from the first row (the rest is checked per row)
             for line in f:
                 if line.strip():
                     try:
-                        columns = list(json.loads(line))
+                        first = json.loads(line)
                     except json.JSONDecodeError:
-                        columns = []
+                        first = None
+                    columns = list(first) if isinstance(first, dict) else []
                     break
     elif suffix == ".csv":
         import csv
@@ -271,6 +267,23 @@ def _manifest_rows(path: Path) -> RawRows:
             yield n, row
 
     return RawRows(f"{path} (icthp manifest)", columns, gen(), total)
+
+
+def _jsonl_objects(path: Path) -> Iterator[dict[str, Any]]:
+    """JSON objects of a JSONL file, one line at a time; a bad line is an InputError naming it."""
+    import json
+
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}, line {n}: not valid JSON ({exc.msg})") from None
+            if not isinstance(obj, dict):
+                raise InputError(f"{path}, line {n}: expected a JSON object, got {type(obj).__name__}")
+            yield obj
 
 
 def _csv_value(key: str, value: str) -> Any:
@@ -430,9 +443,17 @@ def iter_pairs(path: str | os.PathLike) -> Iterator[PreferencePair]:
     (1/0, 0.5/0.5 for a tie).
     """
     path = Path(path)
-    base = path.parent
-    for n, row in enumerate(read_rows(path) if path.suffix != ".parquet" else _parquet_rows(path)):
-        yield _to_pair(n, row, base, str(path))
+    if not path.is_file():
+        raise InputError(f"pair manifest {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        rows: Iterable[dict[str, Any]] = _parquet_rows(path)
+    elif suffix == ".jsonl":
+        rows = _jsonl_objects(path)
+    else:
+        rows = read_rows(path)  # CSV: small by nature (no embedded images)
+    for n, row in enumerate(rows):
+        yield _to_pair(n, row, path.parent, str(path))
 
 
 def _parquet_rows(path: Path) -> Iterator[dict[str, Any]]:
@@ -458,6 +479,8 @@ def _to_pair(n: int, row: dict[str, Any], base: Path, where: str) -> PreferenceP
             la, lb = float(row["label_0"]), float(row["label_1"])
         except (KeyError, TypeError, ValueError):
             raise InputError(f"{where}, row {n}: expected winner (a/b/tie) or label_0/label_1 columns") from None
+        if not (math.isfinite(la) and math.isfinite(lb)):
+            raise InputError(f"{where}, row {n}: label_0/label_1 must be numbers, got {la}, {lb}")
         winner = "tie" if la == lb else ("a" if la > lb else "b")
     if not isinstance(prompt, str) or a is None or b is None:
         raise InputError(f"{where}, row {n}: expected a prompt and two images, got prompt={prompt!r}")

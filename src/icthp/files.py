@@ -227,7 +227,7 @@ def write_table(rows: Sequence[dict[str, Any]], path: str | os.PathLike, metadat
         elif suffix == ".jsonl":
             with tmp.open("w", encoding="utf-8") as f:
                 for r in rows:
-                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+                    f.write(json.dumps(r, ensure_ascii=False, default=_json_default) + "\n")
         else:
             import pyarrow as pa
             import pyarrow.parquet as pq
@@ -240,6 +240,17 @@ def write_table(rows: Sequence[dict[str, Any]], path: str | os.PathLike, metadat
         with atomic_path(meta_path(path)) as tmp:
             tmp.write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
     return path
+
+
+def _json_default(value: Any) -> Any:
+    # Extra columns carried from pandas pickles: numpy arrays / scalars and timestamps.
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        raise TypeError("bytes cannot be written to JSONL; use Parquet for columns holding encoded images")
+    return str(value)
 
 
 def meta_path(path: str | os.PathLike) -> Path:

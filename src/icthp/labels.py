@@ -16,6 +16,8 @@ R/E equals the text-text cosine.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import statistics
 from collections.abc import Callable, Sequence
@@ -27,7 +29,7 @@ import torch
 
 from .data import Triplet, write_manifest
 from .errors import InputError
-from .files import Journal, journal_path
+from .files import Journal, atomic_path, check_table_path, journal_path, meta_path
 from .scoring import ICTScorer, iter_batches, to_device
 
 DEFAULT_LABEL_CLIP = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -96,6 +98,30 @@ def _with_labels(t: Triplet, labels: dict[str, float]) -> Triplet:
     return replace(t, **labels)
 
 
+def _row_key(t: Triplet) -> str:
+    """What identifies a row across runs: its prompts and the names of the two images the labels read.
+
+    File names rather than paths, so a job resumed from another working directory still matches.
+    """
+    payload = json.dumps([t.prompt, t.refined_prompt, Path(t.lose).name, Path(t.win).name], ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
+def check_label_output(output: str | Path, source: str | Path | None = None, *, resume: bool = False,
+                       overwrite: bool = False) -> Path:
+    """Refuse, before any work, an output that is the input, has an unknown format, or exists unasked.
+
+    Raises:
+        InputError: with what to do instead.
+    """
+    out = check_table_path(output)
+    if source is not None and out.resolve() == Path(source).resolve():
+        raise InputError(f"output {out} is the input; labels are written to a new manifest")
+    if out.exists() and not (resume or overwrite):
+        raise InputError(f"output {out} exists; pass --resume to continue it or --overwrite to replace it")
+    return out
+
+
 @dataclass
 class LabelJobResult:
     """Outcome of :func:`label_job`."""
@@ -123,26 +149,34 @@ def label_job(
     """Label triplets (E1 E2 R1 R2) and write a new manifest; resumable; never overwrites its input.
 
     Rows are processed ``rows_per_chunk`` at a time; each finished chunk is journaled beside the output,
-    so a killed job continues with ``resume=True`` without recomputing finished rows.
+    so a killed job continues with ``resume=True`` without recomputing finished rows. Journaled rows carry
+    theta and a key of the row (prompts, image names): a resume with another theta or other rows (another
+    source or ``--split``) is refused instead of mixing labels. ``<output>.meta.json`` records theta and the
+    labelling CLIP.
+
+    Raises:
+        InputError: output is the input, exists without ``resume`` / ``overwrite``, or cannot be resumed
+            with these rows and theta; a row has no refined prompt or an unreadable image.
     """
-    out = Path(output)
-    if source is not None and out.resolve() == Path(source).resolve():
-        raise InputError(f"output {out} is the input; labels are written to a new manifest")
-    if out.exists() and not (resume or overwrite):
-        raise InputError(f"output {out} exists; pass --resume to continue it or --overwrite to replace it")
+    out = check_label_output(output, source, resume=resume, overwrite=overwrite)
+    keys = {t.index: _row_key(t) for t in triplets}
     journal_file = journal_path(out)
     done: dict[int, dict[str, float]] = {}
     if resume:
         for r in Journal.read(journal_file):
-            done[int(r["index"])] = {k: float(r[k]) for k in ("E1", "E2", "R1", "R2")}
+            index = int(r["index"])
+            if r.get("theta") != theta or keys.get(index) != r.get("key"):
+                what = (f"theta {r.get('theta')}" if r.get("theta") != theta
+                        else f"row {index} is another row of the source")
+                raise InputError(
+                    f"{journal_file} cannot be resumed with these rows and theta {theta} ({what}): rerun with the "
+                    "same source, --split and --theta, or pass --overwrite to start again"
+                )
+            done[index] = {k: float(r[k]) for k in ("E1", "E2", "R1", "R2")}
         if out.exists() and not done:
             # A finished output (no journal left): reuse it if it is this job's, row for row.
-            from .data import read_triplets
-
-            previous = read_triplets(out)
-            if len(previous) == len(triplets) and all(p.has_labels for p in previous):
-                for t, p in zip(triplets, previous, strict=True):
-                    done[t.index] = {k: getattr(p, k) for k in ("E1", "E2", "R1", "R2")}
+            for t, p in zip(triplets, _finished_output(out, triplets, keys, theta), strict=True):
+                done[t.index] = {k: getattr(p, k) for k in ("E1", "E2", "R1", "R2")}
     elif journal_file.exists():
         journal_file.unlink()
     todo = [t for t in triplets if t.index not in done]
@@ -158,15 +192,44 @@ def label_job(
             for i, t in enumerate(chunk):
                 values = {k: float(v[i]) for k, v in labels.items()}
                 done[t.index] = values
-                rows.append({"index": t.index, **values})
+                rows.append({"index": t.index, "key": keys[t.index], "theta": theta, **values})
             journal.append(rows)
             if progress is not None:
                 progress(len(chunk))
     finally:
         journal.close()
     write_manifest((_with_labels(t, done[t.index]) for t in triplets), out)
+    info = getattr(clip, "info", None)
+    metadata = {
+        "labels": "ICT E1 E2 R1 R2 (method.md section 2)",
+        "theta": theta,
+        "rows": len(triplets),
+        "labelling_clip": None if info is None else {"source": info.source, "path": info.path,
+                                                     "layout": info.layout, "untrained": info.untrained},
+        "dtype": str(getattr(clip, "dtype", "")).replace("torch.", ""),
+    }
+    with atomic_path(meta_path(out)) as tmp:
+        tmp.write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
     journal_file.unlink(missing_ok=True)
     return LabelJobResult(out, len(triplets), len(todo), len(triplets) - len(todo))
+
+
+def _finished_output(out: Path, triplets: Sequence[Triplet], keys: dict[int, str], theta: float) -> list[Triplet]:
+    """The rows of a finished output, if it is this job's (same rows, same theta); else an error."""
+    from .data import read_triplets
+
+    meta = meta_path(out)
+    if meta.is_file():
+        previous_theta = json.loads(meta.read_text(encoding="utf-8")).get("theta")
+        if previous_theta != theta:
+            raise InputError(f"output {out} was labelled with theta {previous_theta}, not {theta}; "
+                             "pass --overwrite to relabel it")
+    previous = read_triplets(out)
+    if len(previous) != len(triplets) or not all(p.has_labels for p in previous) or \
+            any(_row_key(p) != keys[t.index] for t, p in zip(triplets, previous, strict=True)):
+        raise InputError(f"output {out} exists and does not hold this job's labelled rows; "
+                         "pass --overwrite to replace it")
+    return previous
 
 
 # --------------------------------------------------------------------------------------------- theta
