@@ -185,12 +185,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         except Exception as exc:
             raise CheckpointError(f"could not read safetensors file {path}: {exc}") from exc
     try:
-        try:  # memory-map: a 4 GB file is paged in as it is copied, not read whole first
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        # Read into memory (no mmap): the tensors then own their storage and become the model's parameters
+        # without a copy, so peak memory is one copy of the weights (benchmarks/bench_score.py).
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(
             f"could not read {path} with torch.load(weights_only=True): {type(exc).__name__}: {exc}. "
@@ -251,25 +248,31 @@ def _expected_shapes(module: nn.Module) -> dict[str, torch.Size]:
 
 def _assign(
     module: nn.Module,
-    state: Mapping[str, torch.Tensor],
+    state: dict[str, torch.Tensor],
     dtype: torch.dtype,
     device,
     fp32_prefixes: tuple[str, ...] = (),
+    file_backed: bool = False,
 ) -> None:
-    # Tensors are assigned (not copied into random init); floating ones are cast to the target dtype,
-    # except those under `fp32_prefixes` (small heads kept in float32 for accuracy).
-    # Tensors read from disk are views of the memory-mapped file (torch.load(mmap=True), safetensors) and
-    # `.to` returns them unchanged when device and dtype already match: copy those, or rewriting the
-    # checkpoint in place would change the model's weights (or crash with SIGBUS once the file is truncated,
-    # as torch.save to the same path does). The mapped pages are page cache, so peak memory stays one model.
+    """Assign ``state`` into ``module`` (built on meta), emptying ``state`` as it goes.
+
+    Tensors are assigned (not copied into random init); floating ones are cast to the target dtype, except
+    those under ``fp32_prefixes`` (small heads kept in float32 for accuracy). Each source tensor is dropped
+    from ``state`` once converted, so a cast never holds two full copies of the weights.
+
+    ``file_backed``: the tensors are views of a memory-mapped file (safetensors). ``.to`` returns them
+    unchanged when device and dtype already match, so they are copied: otherwise rewriting the checkpoint
+    in place would change the model's weights, or crash it with SIGBUS once the file is truncated.
+    """
     def cast(k: str, v: torch.Tensor) -> torch.Tensor:
         if not v.is_floating_point():
             out = v.to(device)
         else:
             out = v.to(device=device, dtype=torch.float32 if k.startswith(fp32_prefixes) else dtype)
-        return v.clone() if out is v else out
+        return v.clone() if (file_backed and out is v) else out
 
-    sd = {k: cast(k, v) for k, v in state.items() if not k.endswith("position_ids")}
+    sd = {k: cast(k, state.pop(k)) for k in list(state) if not k.endswith("position_ids")}
+    state.clear()
     module.load_state_dict(sd, strict=False, assign=True)
     restore_position_ids(module)
     leftovers = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
@@ -339,10 +342,11 @@ def load_ict(
     model = build_clip(cfg)
     check_keys(_expected_shapes(model), state, f"ICT checkpoint {weights}", _no_config_hint(had_config))
     target = resolve_dtype(dtype)
-    _assign(model, state, target, torch.device(device))
+    file_dtype = _float_dtype(state)
+    _assign(model, state, target, torch.device(device), file_backed=weights.suffix == ".safetensors")
     model.eval().requires_grad_(False)
     layout = FORMAT_NAME if meta.get("format") == FORMAT_NAME else "released"
-    info = CheckpointInfo("ict", str(source), str(directory), layout, config_to_dict(cfg), _float_dtype(state),
+    info = CheckpointInfo("ict", str(source), str(directory), layout, config_to_dict(cfg), file_dtype,
                           bool(meta.get("untrained", False)), [str(weights)])
     return model, info
 
@@ -390,7 +394,7 @@ def load_hp(
         check_keys(_expected_shapes(model), state, f"HP checkpoint {weights}", _no_config_hint(had_config))
         backbone_state = {k: v for k, v in state.items() if not k.startswith("head.")}
         head_state = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
-        files, layout = [str(weights)], FORMAT_NAME
+        files, layout, file_backed = [str(weights)], FORMAT_NAME, True
     else:
         backbone_dir, scorer_dir = directory / "hp_backbone", directory / "hp_scorer"
         if not backbone_dir.is_dir() or not scorer_dir.is_dir():
@@ -416,14 +420,18 @@ def load_hp(
         full_expected = _expected_shapes(build_clip(cfg))
         state = read_state_dict(bb_file)
         backbone_state = _split_backbone(state, full_expected, f"HP backbone {bb_file}", _no_config_hint(had_config))
+        del state  # the text tower of a full CLIPModel file is freed here, before anything else is allocated
         head_state = read_state_dict(mlp_file)
         check_keys(_expected_shapes(model.head), head_state, f"HP head {mlp_file}",
                    f"The head's input width must equal the CLIP projection dim ({cfg.projection_dim}).")
-        files, layout = [str(bb_file), str(mlp_file)], "released"
-    _assign(model, {**backbone_state, **{f"head.{k}": v for k, v in head_state.items()}}, target, dev, ("head.",))
+        files, layout, file_backed = [str(bb_file), str(mlp_file)], "released", bb_file.suffix == ".safetensors"
+    file_dtype = _float_dtype({**backbone_state, **head_state})
+    state = {**backbone_state, **{f"head.{k}": v for k, v in head_state.items()}}
+    del backbone_state, head_state
+    _assign(model, state, target, dev, ("head.",), file_backed=file_backed)
     model.eval().requires_grad_(False)
-    info = CheckpointInfo("hp", str(source), str(directory), layout, config_to_dict(cfg),
-                          _float_dtype({**backbone_state, **head_state}), bool(meta.get("untrained", False)), files)
+    info = CheckpointInfo("hp", str(source), str(directory), layout, config_to_dict(cfg), file_dtype,
+                          bool(meta.get("untrained", False)), files)
     return model, info
 
 

@@ -141,6 +141,7 @@ def score(
     prompt_column: Annotated[str, typer.Option(help="Manifest prompt column.")] = "prompt",
     recursive: Annotated[bool, typer.Option(help="Look for images in sub-folders too.")] = False,
     revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit) of the weights.")] = None,
+    compile_models: Annotated[bool, typer.Option("--compile", help="torch.compile the image towers (long jobs).")] = False,
     show: Annotated[int, typer.Option(help="Rows to print in the terminal table (0: none).")] = 50,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> int:
@@ -168,6 +169,8 @@ def score(
     dev = _device(device)
     t0 = time.perf_counter()
     scorer = load(model.value, ict=ict, hp=hp, device=dev, dtype=_dtype(dtype, dev), revision=revision)
+    if compile_models:
+        scorer.compile()
     infos = [s.info for s in (getattr(scorer, "ict", None), getattr(scorer, "hp", None), scorer) if hasattr(s, "info")]
     untrained = any(i.untrained for i in infos)
     for i in infos:

@@ -23,8 +23,6 @@ from .errors import JobError
 from .files import ImageItem, InputError, Journal, check_table_path, journal_path, read_rows, write_table
 from .scoring import Scorer, iter_batches, to_device
 
-MAIN_SCORE = {"ict": "ict", "hp": "hp", "ict-hp": "ict_hp"}
-
 
 @dataclass
 class ScoreJobResult:
@@ -178,7 +176,7 @@ def run_score_job(
             if err:
                 errors.append(row)
         rows.append(row)
-    _add_ranks(rows, MAIN_SCORE.get(scorer.name, scorer.name))
+    _add_ranks(rows, scorer.main_component or scorer.name)
     if out_path is not None:
         write_table(rows, out_path, metadata)
         journal_file.unlink(missing_ok=True)

@@ -43,8 +43,9 @@ def _random_state(module: torch.nn.Module, generator: torch.Generator) -> dict[s
     Scales keep activations O(1) through the towers, so scores vary across images instead of collapsing.
     """
     state = {}
-    for key in sorted(module.state_dict()):
-        shape = module.state_dict()[key].shape
+    shapes = {k: v.shape for k, v in module.state_dict().items()}
+    for key in sorted(shapes):
+        shape = shapes[key]
         if key.endswith("position_ids"):
             continue
         if key == "logit_scale":
@@ -74,9 +75,22 @@ def write_tiny_preset(directory: str | os.PathLike, seed: int = 0) -> Path:
         >>> write_tiny_preset("/tmp/tiny")  # doctest: +SKIP
         PosixPath('/tmp/tiny')
     """
+    return write_random_checkpoints(directory, seed, TINY_ARCHITECTURE)
+
+
+def write_random_checkpoints(directory: str | os.PathLike, seed: int = 0, architecture: str = TINY_ARCHITECTURE) -> Path:
+    """Write UNTRAINED random ICT and HP checkpoints of any shipped architecture (released layouts).
+
+    Used for the tiny-random preset and by the benchmarks (e.g. ``clip-vit-h-14`` at the real size).
+
+    Example:
+        >>> write_random_checkpoints("/tmp/vith", architecture="clip-vit-h-14")  # doctest: +SKIP
+    """
     directory = Path(directory)
-    cfg = clip_config(architecture_dict(TINY_ARCHITECTURE))
-    marker = {"preset": "tiny-random", "seed": seed, "untrained": True, "warning": UNTRAINED_WARNING}
+    cfg = clip_config(architecture_dict(architecture))
+    name = "tiny-random" if architecture == TINY_ARCHITECTURE else f"random-{architecture}"
+    marker = {"preset": name, "architecture": architecture, "seed": seed, "untrained": True,
+              "warning": UNTRAINED_WARNING.replace("tiny-random preset", f"{name} weights")}
     gen = torch.Generator().manual_seed(seed)
 
     ict = build_clip(cfg)
