@@ -170,8 +170,12 @@ def _first_existing(directory: Path, names: Iterable[str]) -> Path | None:
 # --------------------------------------------------------------------------------------------- reading
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | os.PathLike, mmap: bool = False) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` or a ``torch.save`` file (``weights_only=True``, no code runs).
+
+    ``mmap=True`` maps a ``.bin`` file instead of reading it: only the tensors used are read from disk
+    (the HP loader uses it to skip the text tower of a full CLIPModel file); the tensors are then views of
+    the file and must be copied before use (``_assign(..., file_backed=True)``).
 
     Example:
         >>> sd = read_state_dict("ICT/pytorch_model.bin")  # doctest: +SKIP
@@ -187,7 +191,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         # Read into memory (no mmap): the tensors then own their storage and become the model's parameters
         # without a copy, so peak memory is one copy of the weights (benchmarks/bench_score.py).
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:
         raise CheckpointError(
             f"could not read {path} with torch.load(weights_only=True): {type(exc).__name__}: {exc}. "
@@ -198,6 +202,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} does not hold a state dict of tensors (got {type(obj).__name__})")
     return dict(obj)
+
+
+def _is_zip(path: Path) -> bool:
+    # torch.load can only memory-map the zip format of torch.save (the default since torch 1.6).
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
 
 
 def _float_dtype(state: Mapping[str, torch.Tensor]) -> str:
@@ -418,13 +428,15 @@ def load_hp(
         cfg = clip_config(cfg_dict)
         model = build_hp(cfg)
         full_expected = _expected_shapes(build_clip(cfg))
-        state = read_state_dict(bb_file)
+        # Mapped, not read: the text tower of a released (full CLIPModel) file is never read from disk.
+        mapped = bb_file.suffix != ".safetensors" and _is_zip(bb_file)
+        state = read_state_dict(bb_file, mmap=mapped)
         backbone_state = _split_backbone(state, full_expected, f"HP backbone {bb_file}", _no_config_hint(had_config))
         del state  # the text tower of a full CLIPModel file is freed here, before anything else is allocated
         head_state = read_state_dict(mlp_file)
         check_keys(_expected_shapes(model.head), head_state, f"HP head {mlp_file}",
                    f"The head's input width must equal the CLIP projection dim ({cfg.projection_dim}).")
-        files, layout, file_backed = [str(bb_file), str(mlp_file)], "released", bb_file.suffix == ".safetensors"
+        files, layout, file_backed = [str(bb_file), str(mlp_file)], "released", True
     file_dtype = _float_dtype({**backbone_state, **head_state})
     state = {**backbone_state, **{f"head.{k}": v for k, v in head_state.items()}}
     del backbone_state, head_state
