@@ -1,0 +1,28 @@
+"""The benchmark scripts run end to end (on the tiny architecture) and print their JSON result last.
+
+These check that the scripts work and that their built-in correctness checks hold; they time nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_score_runs_and_icthp_matches_the_reference(tmp_path):
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_score.py"), "--arch", "clip-tiny", "--images", "8",
+         "--batch-size", "4", "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["first_scores_match"] is True
+    assert out["icthp_exact"]["identical_within_1e-4"] is True
+    assert out["icthp_exact_compiled"]["identical_within_1e-4"] is True
+    assert out["images"] == 8 and out["reference_images_per_s"] > 0
+    assert set(out["steps_exact_mode"]) == {"1x0", "8x2", "4x0", "4x2"}
