@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
-from .files import atomic_path, check_table_path, read_rows
+from .files import atomic_path, check_table_path, iter_jsonl, read_rows
 
 ROLES = ("lose", "win", "refined")
 LABELS = ("E1", "E2", "R1", "R2")
@@ -233,7 +233,7 @@ def _manifest_rows(path: Path) -> RawRows:
         import json
 
         def source() -> Iterator[dict[str, Any]]:
-            yield from _jsonl_objects(path)
+            yield from iter_jsonl(path)
 
         columns = []
         with path.open(encoding="utf-8") as f:  # columns from the first row (the rest is checked per row)
@@ -267,23 +267,6 @@ def _manifest_rows(path: Path) -> RawRows:
             yield n, row
 
     return RawRows(f"{path} (icthp manifest)", columns, gen(), total)
-
-
-def _jsonl_objects(path: Path) -> Iterator[dict[str, Any]]:
-    """JSON objects of a JSONL file, one line at a time; a bad line is an InputError naming it."""
-    import json
-
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}, line {n}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise InputError(f"{path}, line {n}: expected a JSON object, got {type(obj).__name__}")
-            yield obj
 
 
 def _csv_value(key: str, value: str) -> Any:
@@ -449,7 +432,7 @@ def iter_pairs(path: str | os.PathLike) -> Iterator[PreferencePair]:
     if suffix == ".parquet":
         rows: Iterable[dict[str, Any]] = _parquet_rows(path)
     elif suffix == ".jsonl":
-        rows = _jsonl_objects(path)
+        rows = iter_jsonl(path)
     else:
         rows = read_rows(path)  # CSV: small by nature (no embedded images)
     for n, row in enumerate(rows):

@@ -67,19 +67,7 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
         raise InputError(f"manifest {path} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        rows = []
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise InputError(f"{path}, line {n}: not valid JSON ({exc.msg})") from None
-                if not isinstance(row, dict):
-                    raise InputError(f"{path}, line {n}: expected a JSON object, got {type(row).__name__}")
-                rows.append(row)
-        return rows
+        return list(iter_jsonl(path))
     if suffix == ".csv":
         with path.open(encoding="utf-8", newline="") as f:
             return [dict(r) for r in csv.DictReader(f)]
@@ -87,6 +75,22 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
         pq = _require_pyarrow(f"reading {path}")
         return pq.read_table(path).to_pylist()
     raise InputError(f"{path}: unknown table format {suffix!r}; expected one of {', '.join(MANIFEST_EXTENSIONS)}")
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
+    """JSON objects of a JSONL file, one line at a time (streamed); a bad line is an InputError naming it."""
+    path = Path(path)
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}, line {n}: not valid JSON ({exc.msg})") from None
+            if not isinstance(obj, dict):
+                raise InputError(f"{path}, line {n}: expected a JSON object, got {type(obj).__name__}")
+            yield obj
 
 
 def _resolve(base: Path, value: Any, where: str) -> str:
