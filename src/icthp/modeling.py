@@ -186,3 +186,31 @@ def restore_position_ids(model: nn.Module) -> None:
             module.register_buffer(
                 "position_ids", torch.arange(n, device=device).expand((1, -1)), persistent=False
             )
+
+
+def set_hp_trainable(model: HPModel, fix_rate: float = 0.5, freeze_embeddings: bool = False) -> list[str]:
+    """Freeze the HP network as the released HP stage does (method.md section 4); returns trainable names.
+
+    The visual projection and the first ``int(n * fix_rate)`` of ``[vision layers..., post_layernorm]``
+    (``n`` = layers + 1, 33 for CLIP-H) are frozen; the rest of the vision tower and the MLP head train.
+    The released code leaves the vision embeddings and pre-layernorm trainable (``freeze_embeddings=False``,
+    the default); ``True`` freezes them too. (The text tower, also frozen there, is not part of
+    :class:`HPModel`. The released code treated ``fix_rate == 0`` as "freeze the whole backbone"; here 0
+    means what the formula says, nothing frozen but the projection: use ``fix_rate=1`` to freeze all blocks.)
+
+    Example:
+        >>> names = set_hp_trainable(build_hp(clip_config(architecture_dict("clip-tiny")), "cpu"), 0.5)
+        >>> any(n.startswith("head.") for n in names), "visual_projection.weight" in names
+        (True, False)
+    """
+    if not 0.0 <= fix_rate <= 1.0:
+        raise ValueError(f"fix_rate must be in [0, 1], got {fix_rate}")
+    model.requires_grad_(True)
+    model.visual_projection.requires_grad_(False)
+    blocks = [*model.vision_model.encoder.layers, model.vision_model.post_layernorm]
+    for block in blocks[: int(len(blocks) * fix_rate)]:
+        block.requires_grad_(False)
+    if freeze_embeddings:
+        model.vision_model.embeddings.requires_grad_(False)
+        model.vision_model.pre_layrnorm.requires_grad_(False)
+    return [n for n, p in model.named_parameters() if p.requires_grad]
