@@ -302,6 +302,28 @@ def preset(
     return 0
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train(
+    overrides: Annotated[list[str] | None, typer.Argument(help="Config overrides: key=value ...")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (configs/train_ict.yaml ...).")] = None,
+    stage: Annotated[str | None, typer.Option(help="ict or hp (overrides the config).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in output_dir from its latest checkpoint.")] = False,
+) -> int:
+    """Train ICT or HP (method.md sections 3-4). Multi-GPU / multi-node: `accelerate launch -m icthp.cli train ...`.
+
+    Example: icthp train --config configs/train_ict.yaml train_data=pick_high.parquet output_dir=runs/ict
+    """
+    _setup_logging(False)
+    from .train import train as run_train
+    from .train_config import load_config
+
+    extra = {"stage": stage} if stage else {}
+    cfg = load_config(config, list(overrides or []), **extra)
+    export = run_train(cfg, resume=resume)
+    out.print(f"exported {export}")
+    return 0
+
+
 def _register_subcommands() -> None:
     from .cli_data import data_app
 

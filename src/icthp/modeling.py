@@ -214,3 +214,13 @@ def set_hp_trainable(model: HPModel, fix_rate: float = 0.5, freeze_embeddings: b
         model.vision_model.embeddings.requires_grad_(False)
         model.vision_model.pre_layrnorm.requires_grad_(False)
     return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def hp_from_clip(clip: nn.Module) -> HPModel:
+    """A new HP network whose vision tower and projection are copied from a ``CLIPModel`` (the base of the
+    HP stage) and whose head has the released initialisation."""
+    cfg = clip_config(clip.config)
+    model = HPModel(cfg)
+    model.vision_model.load_state_dict(clip.vision_model.state_dict())
+    model.visual_projection.load_state_dict(clip.visual_projection.state_dict())
+    return model.to(next(clip.parameters()).device)

@@ -1,0 +1,161 @@
+"""Typed training configuration: a dataclass with help text, read from YAML plus ``key=value`` overrides.
+
+The resolved configuration is saved beside every checkpoint; resuming under a different one is refused
+(only :data:`RESUME_FREE` fields may change between runs, e.g. ``max_steps`` to train longer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+
+
+def _f(default: Any, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (method.md sections 3-4). Defaults are the released ICT stage."""
+
+    stage: str = _f("ict", "ict: train the whole CLIP on ICT labels; hp: train the HP head + top of its vision tower")
+    train_data: str = _f("", "triplet manifest or released Pick-High root")
+    train_split: str | None = _f("train", "split of train_data to use (None: all rows)")
+    val_data: str | None = _f(None, "validation triplets (default: train_data)")
+    val_split: str | None = _f("val", "split of val_data to use")
+    val_limit: int | None = _f(2000, "validate on at most this many triplets")
+    allow_pickle: bool = _f(False, "trust and unpickle released .pkl files (unpickling runs code)")
+    base: str = _f("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "CLIP to start from: hub id, directory or tiny-random")
+    ict_checkpoint: str | None = _f(None, "hp stage: the trained (frozen) ICT model")
+    output_dir: str = _f("runs/ict", "checkpoints, exports, logs and the resolved config")
+    per_device_batch_size: int = _f(32, "triplets per process per micro-step (negatives span processes x this)")
+    gradient_accumulation_steps: int = _f(1, "micro-steps per optimiser step")
+    learning_rate: float = _f(3e-6, "peak learning rate (AdamW)")
+    weight_decay: float = _f(0.01, "AdamW weight decay")
+    warmup_steps: int = _f(500, "linear warm-up steps, then linear decay to 0 at max_steps")
+    max_steps: int = _f(5000, "optimiser steps (released: 5k ICT, 50k HP)")
+    max_grad_norm: float = _f(1.0, "gradient clipping")
+    mixed_precision: str = _f("bf16", "no | bf16 | fp16 (losses are always computed in fp32)")
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward (CLIP-H at 32 per GPU on 80 GB)")
+    neg_weight: float = _f(0.5, "lambda of the in-batch negatives term")
+    neg_alpha: float = _f(20.0, "alpha of the negative weight w(x)")
+    neg_beta: float = _f(6.0, "beta of the negative weight w(x)")
+    neg_logit_scale: float = _f(1.0, "s in w(x) = 1/(1+exp(alpha(|s x|-beta))); 1 as released (inert), 90 intended")
+    e2_from_r1: bool = _f(False, "reproduce the released bug that took the E2 target from the R1 column")
+    margin: float = _f(0.3, "margin of the HP and ICT-HP ranking losses")
+    hp_weight: float = _f(1.0, "weight of the HP ranking term")
+    ict_hp_weight: float = _f(1.0, "weight of the ICT-HP ranking term")
+    hp_reduction: str = _f("mean", "reduction of the HP term (released: mean)")
+    ict_hp_reduction: str = _f("sum", "reduction of the ICT-HP term (released: sum over the global batch)")
+    fix_rate: float = _f(0.5, "hp stage: fraction of [vision layers + post_layernorm] frozen from the bottom")
+    freeze_vision_embeddings: bool = _f(False, "hp stage: also freeze embeddings and pre-layernorm (released: no)")
+    seed: int = _f(0, "seed of initialisation and data order")
+    num_workers: int = _f(4, "data-loading worker processes per process")
+    log_every: int = _f(10, "steps between log lines")
+    eval_every: int = _f(500, "steps between validations (0: never)")
+    save_every: int = _f(500, "steps between checkpoints")
+    keep_last: int = _f(3, "training-state checkpoints kept (exports of the best and last are kept too)")
+    report_to: str = _f("none", "none | tensorboard | wandb (metrics are always written to metrics.jsonl)")
+
+    def validate(self) -> TrainConfig:
+        problems = []
+        if self.stage not in ("ict", "hp"):
+            problems.append(f"stage must be 'ict' or 'hp', got {self.stage!r}")
+        if not self.train_data:
+            problems.append("train_data is required")
+        if self.stage == "hp" and not self.ict_checkpoint:
+            problems.append("the hp stage needs ict_checkpoint (the trained ICT model, kept frozen)")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            problems.append(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        for name in ("hp_reduction", "ict_hp_reduction"):
+            if getattr(self, name) not in ("mean", "sum"):
+                problems.append(f"{name} must be mean or sum, got {getattr(self, name)!r}")
+        if not 0 <= self.fix_rate <= 1:
+            problems.append(f"fix_rate must be in [0, 1], got {self.fix_rate}")
+        for name in ("per_device_batch_size", "gradient_accumulation_steps", "max_steps"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if problems:
+            raise InputError("invalid training config: " + "; ".join(problems))
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+#: fields that may differ between a run and its resumption
+RESUME_FREE = frozenset({"max_steps", "log_every", "eval_every", "save_every", "keep_last", "num_workers", "report_to",
+                         "val_limit"})
+
+
+def _coerce(name: str, value: str, current: Any, annotation: str) -> Any:
+    if value.lower() in ("none", "null") and "None" in annotation:
+        return None
+    if "bool" in annotation:
+        if value.lower() in ("true", "1", "yes"):
+            return True
+        if value.lower() in ("false", "0", "no"):
+            return False
+        raise InputError(f"{name}: expected true or false, got {value!r}")
+    for kind in (int, float):
+        if kind.__name__ in annotation:
+            try:
+                return kind(value)
+            except ValueError:
+                if kind is int and "float" in annotation:
+                    continue
+                raise InputError(f"{name}: expected {kind.__name__}, got {value!r}") from None
+    return value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None, **kwargs: Any) -> TrainConfig:
+    """Read a YAML config, apply ``key=value`` overrides and keyword arguments, validate.
+
+    Unknown keys are errors that list the valid ones.
+
+    Example:
+        >>> cfg = load_config(None, ["stage=hp", "max_steps=10"], train_data="t.jsonl", ict_checkpoint="runs/ict")
+        >>> cfg.stage, cfg.max_steps
+        ('hp', 10)
+    """
+    valid = {f.name: f for f in fields(TrainConfig)}
+    values: dict[str, Any] = {}
+    if path is not None:
+        import yaml
+
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        if not isinstance(data, dict):
+            raise InputError(f"{path}: expected a mapping of config keys")
+        values.update(data)
+    for item in overrides or []:
+        if "=" not in item:
+            raise InputError(f"override {item!r}: expected key=value")
+        key, value = item.split("=", 1)
+        if key not in valid:
+            raise InputError(f"unknown config key {key!r}; valid keys: {', '.join(valid)}")
+        values[key] = _coerce(key, value, None, str(valid[key].type))
+    values.update(kwargs)
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise InputError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}")
+    return TrainConfig(**values).validate()
+
+
+def check_resumable(saved: dict[str, Any], current: TrainConfig) -> None:
+    """Refuse to resume under a config that differs in anything but :data:`RESUME_FREE` fields."""
+    now = current.to_dict()
+    diff = {k: (saved.get(k), now[k]) for k in now if k not in RESUME_FREE and saved.get(k) != now[k]}
+    if diff:
+        shown = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, a, b in ((k, *v) for k, v in diff.items()))
+        raise InputError(f"cannot resume: the config differs from the saved one ({shown}); use another output_dir "
+                         "to start a new run")
+
+
+def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
+    Path(path).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")

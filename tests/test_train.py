@@ -1,0 +1,125 @@
+"""Training on the tiny preset: both stages learn, freeze what they should, resume exactly, export loadable weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from icthp.checkpoints import load_hp, load_ict
+from icthp.cli import main
+from icthp.errors import InputError
+from icthp.modeling import hp_from_clip
+from icthp.presets import tiny_preset_dir
+from icthp.train import train
+from icthp.train_config import load_config
+
+FAST = dict(base="tiny-random", per_device_batch_size=4, learning_rate=1e-3, warmup_steps=2, mixed_precision="no",
+            num_workers=0, log_every=1)
+
+
+@pytest.fixture(scope="module")
+def triplets(tmp_path_factory) -> Path:
+    """16 labelled triplets whose images get brighter from lose to refined (a learnable order)."""
+    d = tmp_path_factory.mktemp("triplets")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(16):
+        paths = []
+        for k, role in enumerate(("lose", "win", "refined")):
+            base = rng.random((8, 8, 3)) * (0.3 + 0.35 * k)
+            Image.fromarray((np.kron(base, np.ones((8, 8, 1))) * 255).astype("uint8")).save(d / f"{i}_{role}.png")
+            paths.append(f"{i}_{role}.png")
+        rows.append({"prompt": f"object {i % 4}", "refined_prompt": f"detailed object {i % 4}", "lose": paths[0],
+                     "win": paths[1], "refined": paths[2], "E1": 0.3, "E2": 0.6, "R1": 0.2, "R2": 0.4,
+                     "split": "train" if i < 12 else "val"})
+    (d / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d / "t.jsonl"
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def ict_run(triplets, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ict") / "run"
+    train(load_config(None, None, train_data=str(triplets), output_dir=str(out), max_steps=12, eval_every=6,
+                      save_every=6, **FAST))
+    return out
+
+
+def test_ict_stage_lowers_the_loss_and_raises_val_accuracy(ict_run):
+    m = _metrics(ict_run)
+    losses = [r["loss"] for r in m if "loss" in r]
+    vals = [r["val/ict/mean"] for r in m if "val/ict/mean" in r]
+    assert losses[-1] < 0.5 * losses[0]
+    assert vals[0] < 100 and vals[-1] > vals[0]  # from its own starting point
+    assert json.loads((ict_run / "best.json").read_text())["score"] == max(vals[1:])
+
+
+def test_exports_load_through_icthp_score_in_both_layouts(ict_run, triplets, tmp_path):
+    export = ict_run / "export" / "step-000012"
+    ours, _ = load_ict(export / "ict")
+    released, info = load_ict(export / "released" / "ICT")
+    assert info.layout == "released"
+    for (k, a), (_, b) in zip(ours.state_dict().items(), released.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    rows = {}
+    for name, d in (("ours", export / "ict"), ("released", export / "released" / "ICT")):
+        out = tmp_path / f"{name}.jsonl"
+        assert main(["score", str(triplets), "--model", "ict", "--ict", str(d), "-o", str(out), "--show", "0"]) == 0
+        rows[name] = [json.loads(x)["ict"] for x in out.read_text().splitlines()]
+    assert rows["ours"] == rows["released"]
+
+
+def test_hp_stage_trains_only_what_it_should(ict_run, triplets, tmp_path):
+    out = tmp_path / "hp"
+    export = train(load_config(None, None, stage="hp", train_data=str(triplets), output_dir=str(out),
+                               ict_checkpoint=str(ict_run / "export" / "step-000012" / "ict"), max_steps=4,
+                               eval_every=2, save_every=4, fix_rate=0.5, **FAST))
+    trained, _ = load_hp(export / "hp")
+    base, _ = load_ict(tiny_preset_dir() / "ict")
+    start = hp_from_clip(base).state_dict()
+    after = trained.state_dict()
+    frozen = [k for k in start if k.startswith(("visual_projection", "vision_model.encoder.layers.0."))]
+    trainable = [k for k in start if k.startswith(("head.", "vision_model.encoder.layers.1.", "vision_model.post_layernorm"))]
+    assert frozen and trainable
+    for k in frozen:
+        assert torch.equal(start[k], after[k]), f"frozen {k} changed"
+    changed = [k for k in trainable if not torch.equal(start[k], after[k])]
+    assert len(changed) == len(trainable), set(trainable) - set(changed)
+    # And the HP loss went down.
+    m = _metrics(out)
+    losses = [r["loss"] for r in m if "hp_loss" in r]
+    assert losses[-1] < losses[0]
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_run(triplets, tmp_path):
+    common = dict(train_data=str(triplets), max_steps=6, eval_every=0, save_every=3, **FAST)
+    full = train(load_config(None, None, output_dir=str(tmp_path / "full"), **common))
+    part = tmp_path / "part"
+    train(load_config(None, None, output_dir=str(part), **common), stop_after=3)  # "killed" after step 3
+    assert (part / "checkpoints" / "step-000003").is_dir()
+    resumed = train(load_config(None, None, output_dir=str(part), **common), resume=True)
+    a, _ = load_ict(full / "ict")
+    b, _ = load_ict(resumed / "ict")
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.allclose(x, y, atol=1e-6), k
+    with pytest.raises(InputError, match="already holds a run"):
+        train(load_config(None, None, output_dir=str(part), **common))
+    with pytest.raises(InputError, match="learning_rate"):
+        train(load_config(None, None, output_dir=str(part), **{**common, "learning_rate": 5e-4}), resume=True)
+
+
+def test_config_from_yaml_and_overrides(tmp_path):
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "train_hp.yaml", ["max_steps=7", "fix_rate=0.25"])
+    assert (cfg.stage, cfg.max_steps, cfg.fix_rate, cfg.learning_rate) == ("hp", 7, 0.25, 3e-6)
+    with pytest.raises(InputError, match=r"unknown config key 'lr'.*learning_rate"):
+        load_config(None, ["lr=1"], train_data="x")
+    with pytest.raises(InputError, match="ict_checkpoint"):
+        load_config(None, ["stage=hp"], train_data="x")
