@@ -122,6 +122,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
             raise InputError(f"{out} already holds a run; pass --resume to continue it or use another output_dir")
         check_resumable(json.loads(config_file.read_text()), cfg)
     accelerator = Accelerator(
+        # Without CUDA, several processes (torchrun / accelerate launch --cpu) run as MULTI_CPU over gloo.
+        cpu=not torch.cuda.is_available(),
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
@@ -139,6 +141,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
     base, _ = load_ict(_expand_source(cfg.base, "ict"), dtype="float32")
     if cfg.stage == "ict":
         model = base.requires_grad_(True).train()
+        # The ICT loss uses cosines only: logit_scale gets no gradient (DDP would stop on an unused parameter).
+        model.logit_scale.requires_grad_(False)
         frozen_ict = None
     else:
         model = hp_from_clip(base)
@@ -158,7 +162,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
         raise InputError(f"{len(train_set)} training triplets are fewer than one global batch")
     val_rows = read_triplets(cfg.val_data or cfg.train_data, cfg.val_split, cfg.allow_pickle)[: cfg.val_limit]
     collate = TripletCollator(tokenizer, int(model.config.text_config.max_position_embeddings))
-    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.per_device_batch_size, shuffle=True,
+    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.per_device_batch_size, shuffle=cfg.shuffle,
                                          drop_last=True, collate_fn=collate, num_workers=cfg.num_workers)
     val_loader = torch.utils.data.DataLoader(TripletDataset(val_rows, preprocess), batch_size=cfg.per_device_batch_size,
                                              collate_fn=collate, num_workers=cfg.num_workers) if val_rows else None
@@ -166,7 +170,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, cfg.max_steps))
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    # The scheduler is not prepared: accelerate would step it once per process per step (a 2-process run
+    # would warm up twice as fast). It steps here once per optimiser step, and is checkpointed explicitly.
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    accelerator.register_for_checkpointing(scheduler)
     if val_loader is not None:
         val_loader = accelerator.prepare(val_loader)
 
@@ -268,7 +275,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params if cfg.stage == "hp" else model.parameters(), cfg.max_grad_norm)
                 optimizer.step()
-                scheduler.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
                 optimizer.zero_grad()
             if not accelerator.sync_gradients:
                 continue

@@ -56,6 +56,7 @@ class TrainConfig:
     fix_rate: float = _f(0.5, "hp stage: fraction of [vision layers + post_layernorm] frozen from the bottom")
     freeze_vision_embeddings: bool = _f(False, "hp stage: also freeze embeddings and pre-layernorm (released: no)")
     seed: int = _f(0, "seed of initialisation and data order")
+    shuffle: bool = _f(True, "shuffle the training triplets every epoch (seeded)")
     num_workers: int = _f(4, "data-loading worker processes per process")
     log_every: int = _f(10, "steps between log lines")
     eval_every: int = _f(500, "steps between validations (0: never)")
