@@ -26,3 +26,15 @@ def test_bench_score_runs_and_icthp_matches_the_reference(tmp_path):
     assert out["icthp_exact_compiled"]["identical_within_1e-4"] is True
     assert out["images"] == 8 and out["reference_images_per_s"] > 0
     assert set(out["steps_exact_mode"]) == {"1x0", "8x2", "4x0", "4x2"}
+
+
+def test_bench_train_runs(tmp_path):
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--arch", "clip-tiny", "--batch", "4",
+         "--steps", "2"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["icthp"]["triplets_per_s"] > 0 and out["released"]["triplets_per_s"] > 0
+    assert out["peak_rss_ratio"] > 0

@@ -150,3 +150,21 @@ def test_two_processes_equal_one_process(triplets, tmp_path):
         # Adam's first steps move every weight by ~lr whatever the gradient's size, so float32 reduction
         # order differences show up at ~1e-5 here.
         assert torch.allclose(x, y, atol=2e-4), k
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    import copy
+
+    from icthp.train import enable_gradient_checkpointing
+
+    model, _ = load_ict(tiny_preset_dir() / "ict")
+    model.requires_grad_(True).train()
+    checkpointed = copy.deepcopy(model)
+    assert enable_gradient_checkpointing(checkpointed) > 0
+    x, ids = torch.randn(2, 3, 224, 224), torch.randint(0, 49000, (2, 77))
+    for m in (model, checkpointed):
+        out = m(input_ids=ids, pixel_values=x)
+        (out.image_embeds.square().sum() + out.text_embeds.sum()).backward()
+    for (k, a), (_, b) in zip(model.named_parameters(), checkpointed.named_parameters(), strict=True):
+        if a.grad is not None:
+            assert torch.allclose(a.grad, b.grad, atol=1e-6), k

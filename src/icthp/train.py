@@ -261,6 +261,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
     last_export = None
     steps_this_call = 0
     t0 = time.perf_counter()
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {cfg.stage}", unit="step",
+               disable=not accelerator.is_local_main_process)
     while step < cfg.max_steps:
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
@@ -282,6 +286,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
                 continue
             step += 1
             steps_this_call += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{parts['loss']:.4f}")
             if step % cfg.log_every == 0 or step == 1:
                 elapsed = time.perf_counter() - t0
                 log({"step": step, "lr": scheduler.get_last_lr()[0], **parts,
@@ -306,6 +312,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
             epoch += 1
             continue
         break
+    bar.close()
     if cfg.report_to != "none":
         accelerator.end_training()
     return last_export if last_export is not None else out
