@@ -126,16 +126,19 @@ def test_config_from_yaml_and_overrides(tmp_path):
 
 
 def test_two_processes_equal_one_process(triplets, tmp_path):
-    """`torchrun --nproc_per_node 2` (gloo on CPU, features gathered with gradient) trains like one process
-    on the same global batch: same loss at every step, same weights after the optimiser steps."""
+    """`accelerate launch --num_processes 2` (gloo on CPU, features gathered with gradient) trains like one
+    process on the same global batch: same loss at every step, same weights after the optimiser steps."""
     import subprocess
     import sys
 
     common = [f"train_data={triplets}", "base=tiny-random", "learning_rate=1e-3", "warmup_steps=1", "max_steps=2",
               "mixed_precision=no", "num_workers=0", "eval_every=0", "save_every=2", "log_every=1", "shuffle=false"]
     assert main(["train", *common, f"output_dir={tmp_path / 'one'}", "per_device_batch_size=4"]) == 0
-    torchrun = Path(sys.executable).with_name("torchrun")
-    res = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "icthp.cli", "train", *common,
+    # accelerate's launcher starts the processes (its --multi_gpu flag selects the multi-process launcher;
+    # without CUDA the loop runs them as MULTI_CPU over gloo).
+    launcher = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    res = subprocess.run([*launcher, "-m", "icthp.cli", "train", *common,
                           f"output_dir={tmp_path / 'two'}", "per_device_batch_size=2"],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
