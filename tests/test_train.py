@@ -171,3 +171,10 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     for (k, a), (_, b) in zip(model.named_parameters(), checkpointed.named_parameters(), strict=True):
         if a.grad is not None:
             assert torch.allclose(a.grad, b.grad, atol=1e-6), k
+
+
+def test_print_config_lists_every_key_with_help(capsys):
+    assert main(["train", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "train_ict.yaml"),
+                 "max_steps=9", "--print-config"]) == 0
+    text = capsys.readouterr().out
+    assert "neg_logit_scale" in text and "max_steps" in text and "9" in text

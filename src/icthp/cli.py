@@ -308,6 +308,7 @@ def train(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (configs/train_ict.yaml ...).")] = None,
     stage: Annotated[str | None, typer.Option(help="ict or hp (overrides the config).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in output_dir from its latest checkpoint.")] = False,
+    print_config: Annotated[bool, typer.Option("--print-config", help="Print every config key (resolved value and help) and exit.")] = False,
 ) -> int:
     """Train ICT or HP (method.md sections 3-4). Multi-GPU / multi-node: `accelerate launch -m icthp.cli train ...`.
 
@@ -318,6 +319,20 @@ def train(
     from .train_config import load_config
 
     extra = {"stage": stage} if stage else {}
+    if print_config:
+        import dataclasses
+
+        from .train_config import TrainConfig
+
+        # Resolved without validation, so the listing works before train_data is known.
+        values = load_config(config, list(overrides or []), validate=False, **extra)
+        table = Table(title="icthp train config")
+        for col in ("key", "value", "help"):
+            table.add_column(col, overflow="fold")
+        for f in dataclasses.fields(TrainConfig):
+            table.add_row(f.name, repr(getattr(values, f.name)), f.metadata.get("help", ""))
+        out.print(table)
+        return 0
     cfg = load_config(config, list(overrides or []), **extra)
     export = run_train(cfg, resume=resume)
     out.print(f"exported {export}")

@@ -115,7 +115,8 @@ def _coerce(name: str, value: str, current: Any, annotation: str) -> Any:
     return value
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None, **kwargs: Any) -> TrainConfig:
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None, *, validate: bool = True,
+                **kwargs: Any) -> TrainConfig:
     """Read a YAML config, apply ``key=value`` overrides and keyword arguments, validate.
 
     Unknown keys are errors that list the valid ones.
@@ -145,7 +146,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     unknown = sorted(set(values) - set(valid))
     if unknown:
         raise InputError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}")
-    return TrainConfig(**values).validate()
+    cfg = TrainConfig(**values)
+    return cfg.validate() if validate else cfg
 
 
 def check_resumable(saved: dict[str, Any], current: TrainConfig) -> None:
