@@ -178,3 +178,12 @@ def test_print_config_lists_every_key_with_help(capsys):
                  "max_steps=9", "--print-config"]) == 0
     text = capsys.readouterr().out
     assert "neg_logit_scale" in text and "max_steps" in text and "9" in text
+
+
+def test_missing_split_is_explained(tmp_path, triplets):
+    rows = [json.loads(x) for x in triplets.read_text().splitlines()]
+    nosplit = tmp_path / "nosplit.jsonl"
+    nosplit.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "split"} | {
+        k: str(triplets.parent / r[k]) for k in ("lose", "win", "refined")}) + "\n" for r in rows))
+    with pytest.raises(InputError, match="train_split=none"):
+        train(load_config(None, None, train_data=str(nosplit), output_dir=str(tmp_path / "r"), max_steps=1, **FAST))

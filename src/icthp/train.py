@@ -157,6 +157,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
     # ---- data
     tokenizer = load_tokenizer()
     train_rows = read_triplets(cfg.train_data, cfg.train_split, cfg.allow_pickle)
+    if not train_rows and cfg.train_split:
+        raise InputError(f"no triplets with split {cfg.train_split!r} in {cfg.train_data}; "
+                         "pass train_split=none to train on every row")
     train_set = TripletDataset(train_rows, preprocess, require_labels=cfg.stage == "ict")
     if len(train_set) < cfg.per_device_batch_size * accelerator.num_processes:
         raise InputError(f"{len(train_set)} training triplets are fewer than one global batch")
