@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -273,8 +272,7 @@ def main() -> None:
         print(json.dumps(fn(setup, args)))
         return
 
-    import torch
-    import transformers
+    from _report import emit, environment
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     setup = prepare(args.workdir, args.arch, args.images, args.seed)
@@ -335,21 +333,11 @@ def main() -> None:
         if "peak_cuda_mb" in ref:
             results["peak_cuda_mb"] = {"reference": ref["peak_cuda_mb"], "icthp_exact": exact["peak_cuda_mb"],
                                        "icthp_fast": fast["peak_cuda_mb"]}
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    results["machine"] = {"cpu": cpu, "threads": torch.get_num_threads(), "platform": platform.platform(),
-                          "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None}
-    results["versions"] = {"python": platform.python_version(), "torch": torch.__version__,
-                           "transformers": transformers.__version__}
-    results["commit"] = commit
+    results.update(environment(args.device))
     results["notes"] = ("variants are '<batch size>x<decode threads>'; throughput excludes loading; time to first "
                         "score is process start to the first score of one image (time to ready: to models loaded); peak RSS is ru_maxrss of each "
                         "pipeline's own process (VmHWM: load + scoring)")
-    if args.save:
-        args.save.parent.mkdir(parents=True, exist_ok=True)
-        args.save.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results))
+    emit(results, args.save)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
@@ -108,8 +107,7 @@ def main() -> None:
     if args.variant:
         print(json.dumps(worker(args)))
         return
-    import torch
-    import transformers
+    from _report import emit, environment
 
     flags = ["--arch", args.arch, "--batch", str(args.batch), "--steps", str(args.steps), "--device", args.device]
     flags += ["--bf16"] * args.bf16 + ["--grad-ckpt"] * args.grad_ckpt
@@ -119,9 +117,6 @@ def main() -> None:
         if res.returncode != 0:
             raise RuntimeError(res.stderr[-3000:])
         runs[variant] = json.loads(res.stdout.strip().splitlines()[-1])
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
     result = {
         "benchmark": "ICT-stage training step (forward, ICT loss, backward, clip, AdamW), data loading excluded",
         "reference": "released ICT stage: also builds and runs the (frozen) HP backbone + MLP on every batch",
@@ -130,15 +125,9 @@ def main() -> None:
         "released": runs["released"], "icthp": runs["icthp"],
         "speedup": round(runs["icthp"]["triplets_per_s"] / runs["released"]["triplets_per_s"], 2),
         "peak_rss_ratio": round(runs["icthp"]["peak_rss_mb"] / runs["released"]["peak_rss_mb"], 3),
-        "machine": {"cpu": cpu, "threads": torch.get_num_threads(),
-                    "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None},
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        "commit": commit,
+        **environment(args.device),
     }
-    if args.save:
-        args.save.parent.mkdir(parents=True, exist_ok=True)
-        args.save.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    emit(result, args.save)
 
 
 if __name__ == "__main__":
