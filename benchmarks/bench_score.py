@@ -229,6 +229,10 @@ def _ranking_agreement(items: list[dict], a: dict, b: dict) -> dict | None:
     """Per demo triplet: do two pipelines order the three images the same (ICT-HP group rule)?"""
     import math
 
+    import torch
+
+    from icthp.scoring import ict_hp_group
+
     groups: dict[str, list[int]] = {}
     for i, it in enumerate(items):
         if it["group"]:
@@ -238,8 +242,9 @@ def _ranking_agreement(items: list[dict], a: dict, b: dict) -> dict | None:
     agree = 0
     for idx in groups.values():
         def order(s, idx=idx):
-            w = [math.exp(s["hp_logit"][i]) for i in idx] if "hp_logit" in s else [s["hp"][i] / (1 - s["hp"][i]) for i in idx]
-            key = [s["ict"][i] * wi / sum(w) for i, wi in zip(idx, w, strict=True)]
+            # hp_logit = logit(hp) when only hp is there (the reference prints sigmoid scores).
+            logits = [s["hp_logit"][i] if "hp_logit" in s else math.log(s["hp"][i] / (1 - s["hp"][i])) for i in idx]
+            key = ict_hp_group(torch.tensor([s["ict"][i] for i in idx]), torch.tensor(logits)).tolist()
             return sorted(range(len(idx)), key=lambda k: -key[k])
         agree += order(a) == order(b)
     return {"triplets": len(groups), "same_order": agree}

@@ -9,7 +9,6 @@ their path either way.
 
 from __future__ import annotations
 
-import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -21,7 +20,7 @@ import torch
 
 from .errors import JobError
 from .files import ImageItem, InputError, Journal, check_table_path, journal_path, read_rows, write_table
-from .scoring import Scorer, iter_batches, to_device
+from .scoring import Scorer, ict_hp_group, iter_batches, to_device
 
 
 @dataclass
@@ -65,10 +64,8 @@ def _add_ranks(rows: list[dict[str, Any]], main: str) -> None:
             groups[(r.get("group"), r.get("prompt"))].append(r)
     for members in groups.values():
         if main == "ict_hp":
-            top = max(r["hp_logit"] for r in members)
-            weights = [math.exp(r["hp_logit"] - top) for r in members]
-            total = sum(weights)
-            keys = [r["ict"] * w / total for r, w in zip(members, weights, strict=True)]
+            keys = ict_hp_group(torch.tensor([r["ict"] for r in members]),
+                                torch.tensor([r["hp_logit"] for r in members])).tolist()
         else:
             keys = [r[main] for r in members]
         order = sorted(range(len(members)), key=lambda i: -keys[i])

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from .checkpoints import load_ict, save_hp, save_ict
 from .data import read_triplets
@@ -36,7 +37,7 @@ from .distributed import gather_with_grad
 from .errors import InputError
 from .losses import hp_loss, ict_hp_loss, ict_loss
 from .metrics import triplet_accuracy
-from .modeling import hp_from_clip, set_hp_trainable
+from .modeling import hp_from_clip, set_hp_trainable, text_features, vision_features
 from .preprocess import PreprocessConfig
 from .scoring import _expand_source
 from .tokenizer import load_tokenizer
@@ -54,7 +55,7 @@ def _lr_lambda(warmup: int, total: int):
     return f
 
 
-def _clip_forward(model, batch, autocast_dtype=None):
+def _clip_forward(model, batch):
     """ICT model forward on a triplet batch -> normalised image features [B,3,D], easy / refined text [B,D]."""
     b = batch.lose.shape[0]
     out = model(
@@ -73,8 +74,12 @@ def _hp_logits(hp_model, batch) -> torch.Tensor:
 
 
 def _ict_cosines(ict_model, batch) -> torch.Tensor:
-    images, easy, _ = _clip_forward(ict_model, batch)
-    return torch.einsum("bkd,bd->bk", images.float(), easy.float())  # [B, 3] cosines with P_easy
+    """Cosines ``[B, 3]`` of a (frozen or evaluated, unwrapped) ICT model with P_easy only: the refined
+    prompts and CLIPModel's logit matrix that a full forward would also compute are not needed here."""
+    b = batch.lose.shape[0]
+    images = F.normalize(vision_features(ict_model, torch.cat([batch.lose, batch.win, batch.refined])).float(), dim=-1)
+    easy = F.normalize(text_features(ict_model, batch.prompt_ids, batch.prompt_mask).float(), dim=-1)
+    return torch.einsum("bkd,bd->bk", images.view(3, b, -1).transpose(0, 1), easy)
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> int:
@@ -212,7 +217,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
         cols: dict[str, list[torch.Tensor]] = {}
         for batch in val_loader:
             if cfg.stage == "ict":
-                scores = {"ict": _ict_cosines(model, batch)}
+                scores = {"ict": _ict_cosines(accelerator.unwrap_model(model), batch)}
             else:
                 h = _hp_logits(model, batch).float()
                 cos = _ict_cosines(frozen_ict, batch)
