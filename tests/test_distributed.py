@@ -50,6 +50,9 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
             p.grad /= world
         # Plain lists: tensors sent through a queue live in this process's shared memory, gone once it exits.
         queue.put((rank, loss.item(), {n: p.grad.tolist() for n, p in model.named_parameters()}))
+        # Tearing gloo down while the peer still has traffic in flight aborts the process (SIGABRT from
+        # the gloo transport); both sides wait here first, as the training loop does before it ends.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

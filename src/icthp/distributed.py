@@ -21,6 +21,27 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
+    return _GatherWithGrad.apply(x)
 
-    return torch.cat(all_gather(x), dim=0)
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather forward; backward sums the gradient of the gathered tensor over processes (every process
+    computes the same global loss) and keeps this process's rows.
+
+    Written out rather than taken from ``torch.distributed.nn`` (deprecated there), and using only
+    all_gather / all_reduce, which every backend (gloo included) supports with equal-sized inputs.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        world, rank = dist.get_world_size(), dist.get_rank()
+        ctx.rank, ctx.rows = rank, x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
