@@ -1,4 +1,4 @@
-"""Command line: ``icthp score | convert | models | preset``. A thin shell over the library.
+"""Command line: ``icthp score | convert | models | preset | train | serve | data``. A thin shell over the library.
 
 Heavy imports (torch, transformers) happen inside commands so ``icthp --help`` stays fast.
 """
@@ -336,6 +336,50 @@ def train(
     cfg = load_config(config, list(overrides or []), **extra)
     export = run_train(cfg, resume=resume)
     out.print(f"exported {export}")
+    return 0
+
+
+@app.command()
+def serve(
+    model: Annotated[ModelName, typer.Option(help="Which reward to serve.")] = ModelName.ict_hp,
+    ict: Annotated[str | None, typer.Option(help="ICT weights: hub id (default 8y/ICT), directory, or 'tiny-random'.")] = None,
+    hp: Annotated[str | None, typer.Option(help="HP weights: hub id (default 8y/HP), directory, or 'tiny-random'.")] = None,
+    host: Annotated[str, typer.Option(help="Address to bind. Anything but loopback requires a token.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    token: Annotated[str | None, typer.Option(envvar="ICTHP_SERVE_TOKEN", show_envvar=True,
+                                              help="Bearer token required on /v1/* and /metrics.")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ... or auto.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto (bf16 on CUDA).")] = "auto",
+    max_batch_size: Annotated[int, typer.Option(help="Most images per model forward (requests are packed).")] = 32,
+    max_wait_ms: Annotated[float, typer.Option(help="How long a batch waits for more requests to join.")] = 5.0,
+    max_images: Annotated[int, typer.Option(help="Most images per request.")] = 64,
+    max_image_pixels: Annotated[int, typer.Option(help="Largest width*height per image (checked before decoding).")] = 4096 * 4096,
+    max_request_mb: Annotated[float, typer.Option(help="Largest request body, in MiB.")] = 64.0,
+    max_prompt_chars: Annotated[int, typer.Option(help="Longest prompt, in characters.")] = 2000,
+    max_queue_images: Annotated[int, typer.Option(help="Images waiting before new requests get 503.")] = 1024,
+    compile_towers: Annotated[bool, typer.Option("--compile", help="torch.compile the image towers.")] = False,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> int:
+    """Serve the reward over HTTP (POST /v1/score, GET /v1/models, /health, /metrics, a web page at /).
+
+    Example: icthp serve --ict tiny-random --hp tiny-random --port 8000   (then open http://127.0.0.1:8000/)
+    """
+    try:
+        from .serve import ServeConfig
+        from .serve.app import run
+    except ImportError as exc:
+        err.print(f"[red]error:[/] icthp serve needs the serve extra: pip install \"icthp[serve]\" ({exc})")
+        return 2
+    cfg = ServeConfig(model=model.value, ict=ict, hp=hp, device=device, dtype=dtype, host=host, port=port,
+                      token=token or None, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
+                      max_images_per_request=max_images, max_image_pixels=max_image_pixels,
+                      max_request_bytes=int(max_request_mb * 1024 * 1024), max_prompt_chars=max_prompt_chars,
+                      max_queue_images=max_queue_images, compile=compile_towers)
+    cfg.validate()
+    _setup_logging(True)
+    err.print(f"icthp serve: http://{host}:{port}/  ({model.value}; auth {'on' if cfg.token else 'off'})",
+              highlight=False)
+    run(cfg, log_level=log_level)
     return 0
 
 

@@ -65,8 +65,16 @@ def crop_box(height: int, width: int, size: int) -> tuple[int, int]:
     return (height - size) // 2, (width - size) // 2
 
 
-def load_image(image: str | os.PathLike | bytes | Image.Image) -> Image.Image:
+def load_image(
+    image: str | os.PathLike | bytes | Image.Image,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    formats: Sequence[str] | None = None,
+) -> Image.Image:
     """Open an image path or encoded bytes (or pass a PIL image through) and convert it to RGB.
+
+    ``max_pixels`` guards against decompression bombs: the size is read from the header and checked
+    before anything is decoded. ``formats`` restricts which PIL decoders may run (the service accepts only
+    common raster formats from the network; PIL's EPS decoder, for one, runs Ghostscript).
 
     Raises:
         ImageLoadError: missing, unreadable, corrupt or oversized file (the message names the path).
@@ -81,10 +89,10 @@ def load_image(image: str | os.PathLike | bytes | Image.Image) -> Image.Image:
             raise ImageLoadError(str(path), "no such file")
         source, opener = str(path), path
     try:
-        with Image.open(opener) as im:
+        with Image.open(opener, formats=formats) as im:
             w, h = im.size
-            if w * h > MAX_IMAGE_PIXELS:
-                raise ImageLoadError(source, f"{w}x{h} pixels exceeds the limit of {MAX_IMAGE_PIXELS}")
+            if w * h > max_pixels:
+                raise ImageLoadError(source, f"{w}x{h} pixels exceeds the limit of {max_pixels}")
             im.load()  # decode now so a truncated file fails here, with its path
             return im.convert("RGB")
     except ImageLoadError:

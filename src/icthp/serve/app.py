@@ -1,0 +1,356 @@
+"""The FastAPI application of ``icthp serve``: app factory, routes, limits, auth and start-up.
+
+Routes: ``POST /v1/score``, ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text), ``GET /``
+(a small web page), plus FastAPI's ``/openapi.json`` and ``/docs``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from importlib import resources
+
+import torch
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from ..scoring import Scorer, ict_hp_group, to_device
+from .batching import BatcherClosed, DynamicBatcher, QueueFull
+from .config import ServeConfig
+from .inputs import RequestError, ScoreRequest, decode_one, parse_form, parse_json
+from .metrics import ServiceMetrics
+from .schema import SCORE_REQUEST_BODY, HealthResponse, ModelsResponse, ScoreResponse
+
+logger = logging.getLogger("icthp.serve")
+
+_ENDPOINTS = {"/", "/health", "/v1/score", "/v1/models", "/metrics", "/docs", "/openapi.json"}
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+class ServedModels:
+    """What the service runs: one reward model (ICT, HP or ICT-HP); its columns are named by component."""
+
+    def __init__(self, name: str, scorer: Scorer):
+        self.name = name
+        self.scorer = scorer
+        self.needs_prompt = scorer.needs_prompt
+        self.columns = list(scorer.component_names)
+        self.main = scorer.main_component
+        self.preprocess = scorer.preprocess
+        infos = [getattr(s, "info", None) for s in (scorer, getattr(scorer, "ict", None), getattr(scorer, "hp", None))]
+        self.infos = [i for i in infos if i is not None]
+
+    @property
+    def untrained(self) -> bool:
+        return any(i.untrained for i in self.infos)
+
+    def run_batch(self, inputs: dict, prompts: list[str] | None) -> dict[str, torch.Tensor]:
+        """Model forward for one packed batch (called in the model thread)."""
+        with torch.inference_mode():
+            x = to_device(inputs[self.preprocess], self.scorer.device)
+            columns = self.scorer.components(x, prompts if self.needs_prompt else None)
+            return {k: v.float().cpu() for k, v in columns.items()}
+
+    def describe(self) -> dict:
+        return {
+            "model": self.name,
+            "columns": self.columns,
+            "main": self.main,
+            "needs_prompt": self.needs_prompt,
+            "untrained": self.untrained,
+            "device": str(self.scorer.device),
+            "dtype": str(self.scorer.dtype).replace("torch.", ""),
+            "image_size": self.preprocess.size,
+            "components": [{"kind": i.kind, "source": i.source, "layout": i.layout, "untrained": i.untrained,
+                            "description": i.describe()} for i in self.infos],
+        }
+
+
+def load_models(config: ServeConfig) -> ServedModels:
+    """Load the configured reward model (``device``/``dtype`` ``auto``: CUDA and bf16 when available)."""
+    from ..scoring import load
+
+    device = config.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = config.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    scorer = load(config.model, ict=config.ict, hp=config.hp, device=device, dtype=dtype)
+    if config.compile:
+        scorer.compile()
+    return ServedModels(config.model, scorer)
+
+
+# ------------------------------------------------------------------------------------------------ state
+
+
+class _Service:
+    def __init__(self, config: ServeConfig, models: ServedModels | None):
+        self.config = config
+        self.models = models
+        self.load_error: str | None = None
+        self.started = time.time()
+        self.batcher: DynamicBatcher | None = None
+        self.decode_pool: ThreadPoolExecutor | None = None
+        self.metrics = ServiceMetrics(queue_images=lambda: self.batcher.queued_images if self.batcher else 0,
+                                      ready=lambda: self.ready)
+
+    @property
+    def ready(self) -> bool:
+        return self.models is not None
+
+    def run_batch(self, inputs, prompts):
+        assert self.models is not None
+        return self.models.run_batch(inputs, prompts)
+
+    def on_batch(self, size: int, seconds: float) -> None:
+        self.metrics.batch_size.observe(size)
+        self.metrics.batch_seconds.observe(seconds)
+
+    async def load(self) -> None:
+        try:
+            self.models = await asyncio.to_thread(load_models, self.config)
+            d = self.models.describe()
+            logger.info("models loaded: %s on %s (%s)%s", d["model"], d["device"], d["dtype"],
+                        "  [UNTRAINED random weights]" if d["untrained"] else "")
+        except Exception as exc:  # reported by /health; the process stays up so the error can be read
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            logger.exception("loading the models failed")
+
+    async def prepare(self, request: ScoreRequest) -> dict:
+        """Decode and preprocess every image in the decode threads -> ``{preprocess: Tensor[n, 3, S, S]}``."""
+        from ..preprocess import pil_to_model_input
+
+        assert self.models is not None and self.decode_pool is not None
+        cfg = self.models.preprocess
+
+        def one(i: int) -> torch.Tensor:
+            return pil_to_model_input(decode_one(request, i, self.config), cfg)
+
+        loop = asyncio.get_running_loop()
+        tensors = await asyncio.gather(*(loop.run_in_executor(self.decode_pool, one, i) for i in range(request.n)))
+        return {cfg: torch.stack(tensors)}
+
+
+# ------------------------------------------------------------------------------------------------ ASGI guard
+
+
+class _Guard:
+    """Outermost layer: request-size limit (Content-Length and streamed bytes) and request counting."""
+
+    def __init__(self, app, service: _Service):
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.service.config.max_request_bytes
+        endpoint = scope["path"] if scope["path"] in _ENDPOINTS else "other"
+        status = [500]
+
+        async def send_counted(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        received = 0
+
+        async def receive_limited():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise RequestError(413, "request_too_large", f"request body exceeds {limit} bytes")
+            return message
+
+        try:
+            length = dict(scope["headers"]).get(b"content-length")
+            if length is not None and length.isdigit() and int(length) > limit:
+                err = RequestError(413, "request_too_large",
+                                   f"request body of {int(length)} bytes exceeds the limit of {limit} bytes")
+                response = JSONResponse(err.body(), status_code=413, headers={"Connection": "close"})
+                return await response(scope, receive, send_counted)
+            await self.app(scope, receive_limited, send_counted)
+        finally:
+            self.service.metrics.requests.inc(endpoint=endpoint, status=str(status[0]))
+
+
+# ------------------------------------------------------------------------------------------------ app
+
+
+def create_app(config: ServeConfig | None = None, *, models: ServedModels | None = None) -> FastAPI:
+    """Build the service. Models load in the background at start-up unless ``models`` is given.
+
+    ``/health`` answers 503 until they are loaded (and says why if loading failed), 200 afterwards.
+
+    Example:
+        >>> import uvicorn
+        >>> app = create_app(ServeConfig(ict="tiny-random", hp="tiny-random"))  # doctest: +SKIP
+        >>> uvicorn.run(app, host="127.0.0.1", port=8000)  # doctest: +SKIP
+    """
+    config = (config or ServeConfig()).validate()
+    service = _Service(config, models)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        service.decode_pool = ThreadPoolExecutor(config.decode_workers, thread_name_prefix="icthp-decode")
+        service.batcher = DynamicBatcher(
+            service.run_batch, max_batch_size=config.max_batch_size, max_wait_s=config.max_wait_ms / 1000,
+            max_queue_images=config.max_queue_images, on_batch=service.on_batch)
+        await service.batcher.start()
+        loading = None if service.ready else asyncio.create_task(service.load())
+        try:
+            yield
+        finally:
+            # uvicorn has already let in-flight requests finish; finish whatever they queued, then stop.
+            await service.batcher.close()
+            service.decode_pool.shutdown(wait=True)
+            if loading is not None and not loading.done():
+                loading.cancel()
+
+    app = FastAPI(title="icthp reward service", version=__version__, lifespan=lifespan,
+                  description="ICT / HP / ICT-HP rewards for text-to-image generation (arXiv 2507.19002). "
+                              "See docs/serve.md.")
+    app.state.service = service
+    app.add_middleware(_Guard, service=service)
+
+    async def require_token(request: Request) -> None:
+        if not config.token:
+            return
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), config.token.encode()):
+            raise RequestError(401, "unauthorized", "missing or wrong bearer token (Authorization: Bearer <token>)",
+                               headers={"WWW-Authenticate": "Bearer"})
+
+    def require_ready() -> ServedModels:
+        if service.models is None:
+            if service.load_error:
+                raise RequestError(503, "load_failed", f"the models failed to load: {service.load_error}")
+            raise RequestError(503, "loading", "the models are still loading; retry shortly",
+                               headers={"Retry-After": "5"})
+        return service.models
+
+    @app.exception_handler(RequestError)
+    async def _request_error(request: Request, exc: RequestError):
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
+        return JSONResponse({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        return JSONResponse({"error": {"code": "invalid_request", "message": str(exc.errors())}}, status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception):
+        logger.exception("unhandled error on %s", request.url.path)
+        return JSONResponse({"error": {"code": "internal", "message": f"{type(exc).__name__}: {exc}"}},
+                            status_code=500)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        html = resources.files("icthp.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+        return HTMLResponse(html, headers={"Cache-Control": "no-cache"})
+
+    @app.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
+    async def health():
+        """Readiness: 200 once the models are loaded, 503 while loading or after a failed load."""
+        if service.models is not None:
+            status, code = "ready", 200
+        else:
+            status, code = ("failed", 503) if service.load_error else ("loading", 503)
+        body = {"status": status, "version": __version__, "uptime_s": round(time.time() - service.started, 3),
+                "error": service.load_error}
+        return JSONResponse(body, status_code=code)
+
+    @app.get("/v1/models", response_model=ModelsResponse, dependencies=[Depends(require_token)])
+    async def models_info():
+        """The loaded model, its score columns, device, and the service's limits."""
+        loaded = require_ready()
+        limits = {k: v for k, v in config.public_dict().items() if k.startswith("max_")}
+        return {**loaded.describe(), "limits": limits, "version": __version__}
+
+    @app.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(require_token)])
+    async def metrics():
+        """Prometheus text format: requests, images, latency and batch-size histograms, queue depth."""
+        return PlainTextResponse(service.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/score", response_model=ScoreResponse, dependencies=[Depends(require_token)],
+              openapi_extra={"requestBody": SCORE_REQUEST_BODY})
+    async def score(request: Request):
+        """Score images against prompt(s); every loaded score column per image, plus a ranking when the
+        images share one prompt (ICT-HP: the released group rule ``ict * softmax(hp_logit)``)."""
+        t0 = time.perf_counter()
+        loaded = require_ready()
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type == "application/json":
+            parsed = parse_json(await request.body(), config, loaded.needs_prompt)
+        elif content_type == "multipart/form-data":
+            form = await request.form(max_files=config.max_images_per_request + 1,
+                                      max_fields=config.max_images_per_request + 8,
+                                      max_part_size=max(1024 * 1024, 4 * config.max_prompt_chars))
+            try:
+                parsed = await parse_form(form, config, loaded.needs_prompt)
+            finally:
+                await form.close()
+        else:
+            raise RequestError(415, "unsupported_media_type",
+                               f"Content-Type {content_type or '(none)'}: expected application/json or "
+                               "multipart/form-data")
+        inputs = await service.prepare(parsed)
+        t1 = time.perf_counter()
+        assert service.batcher is not None
+        try:
+            columns = await service.batcher.submit(inputs, parsed.prompts)
+        except QueueFull as exc:
+            raise RequestError(503, "busy", f"the service is at capacity ({exc}); retry shortly",
+                               headers={"Retry-After": "1"}) from None
+        except BatcherClosed as exc:
+            raise RequestError(503, "shutting_down", str(exc)) from None
+        t2 = time.perf_counter()
+        body = {"n": parsed.n, "model": loaded.name, "main": loaded.main, "untrained": loaded.untrained,
+                "scores": {k: v.tolist() for k, v in columns.items()}, "ranking": _ranking(parsed, columns, loaded),
+                "timing_ms": {"decode": round(1000 * (t1 - t0), 3), "model": round(1000 * (t2 - t1), 3),
+                              "total": round(1000 * (t2 - t0), 3)}}
+        service.metrics.images.inc(parsed.n)
+        service.metrics.latency.observe(time.perf_counter() - t0)
+        return JSONResponse(body)
+
+    return app
+
+
+def _ranking(parsed: ScoreRequest, columns: dict[str, torch.Tensor], models: ServedModels) -> dict | None:
+    """Best-first order of images that share one prompt (or of all images for a prompt-free model)."""
+    prompts = parsed.prompts
+    if prompts is not None and len(set(prompts)) != 1:
+        return None
+    if "ict" in columns and "hp_logit" in columns:
+        name, values = "ict_hp_group", ict_hp_group(columns["ict"], columns["hp_logit"])
+    else:
+        name, values = models.main, columns[models.main]
+    order = sorted(range(len(values)), key=lambda i: -float(values[i]))
+    return {"score": name, "values": values.tolist(), "order": order}
+
+
+def run(config: ServeConfig, *, log_level: str = "info", graceful_timeout_s: float = 30.0) -> None:
+    """Start uvicorn with :func:`create_app` (blocks until stopped; SIGINT/SIGTERM finish in-flight requests)."""
+    import uvicorn
+
+    config.validate()
+    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level=log_level,
+                timeout_graceful_shutdown=graceful_timeout_s)

@@ -1,0 +1,86 @@
+"""OpenAPI descriptions of the service's bodies (documentation only: requests are parsed by hand in
+``inputs.py`` because one endpoint takes JSON and multipart alike)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class Ranking(BaseModel):
+    score: str = Field(description="the score the order follows: ict_hp_group (ict * softmax(hp_logit) over the "
+                                   "request's images) or the model's main score")
+    values: list[float]
+    order: list[int] = Field(description="image indices, best first")
+
+
+class ScoreResponse(BaseModel):
+    n: int = Field(description="number of images scored")
+    model: str
+    main: str = Field(description="name of the main score column (e.g. ict_hp)")
+    untrained: bool = Field(description="true for random preset weights, whose scores mean nothing")
+    scores: dict[str, list[float]] = Field(description="one list per score column (ict, hp, hp_logit, ict_hp), "
+                                                       "in request order")
+    ranking: Ranking | None = Field(description="present when all images share one prompt")
+    timing_ms: dict[str, float]
+
+
+class HealthResponse(BaseModel):
+    status: str = Field(description="ready | loading | failed")
+    version: str
+    uptime_s: float
+    error: str | None = None
+
+
+class ModelsResponse(BaseModel):
+    model: str
+    columns: list[str]
+    main: str
+    needs_prompt: bool
+    untrained: bool
+    device: str
+    dtype: str
+    image_size: int
+    components: list[dict]
+    limits: dict[str, int | float]
+    version: str
+
+
+_PROMPTS = {
+    "prompt": {"type": "string", "description": "one prompt for every image"},
+    "prompts": {"type": "array", "items": {"type": "string"}, "description": "one prompt per image"},
+}
+
+SCORE_REQUEST_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "images": {"type": "array", "items": {"type": "string", "format": "binary"},
+                               "description": "encoded images (PNG, JPEG, WebP, GIF, BMP, TIFF)"},
+                    "array": {"type": "string", "format": "binary",
+                              "description": "raw uint8 pixels, B*H*W*C bytes, row-major (instead of images)"},
+                    "shape": {"type": "string", "description": "shape of 'array' as 'B,H,W,C' (C = 1, 3 or 4)",
+                              "example": "4,512,512,3"},
+                    **_PROMPTS,
+                },
+            },
+        },
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "images": {"type": "array", "items": {"type": "string", "format": "byte"},
+                               "description": "base64-encoded images (data URLs accepted)"},
+                    "array": {"type": "object", "properties": {
+                        "shape": {"type": "array", "items": {"type": "integer"}, "minItems": 4, "maxItems": 4},
+                        "dtype": {"type": "string", "enum": ["uint8"]},
+                        "data": {"type": "string", "format": "byte"}}, "required": ["shape", "data"]},
+                    **_PROMPTS,
+                },
+            },
+            "example": {"prompt": "a tiny dragon taking a bath in a teacup", "images": ["<base64 PNG>"]},
+        },
+    },
+}
