@@ -38,3 +38,19 @@ def test_bench_train_runs(tmp_path):
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["icthp"]["triplets_per_s"] > 0 and out["released"]["triplets_per_s"] > 0
     assert out["peak_rss_ratio"] > 0
+
+
+def test_bench_serve_runs_without_losing_requests(tmp_path):
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_serve.py"), "--arch", "clip-tiny", "--images", "8",
+         "--image-size", "64", "--requests", "12", "--concurrency", "1,4", "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:] + res.stdout[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["failed_or_lost_requests"] == 0 and out["identical_within_1e-5"] is True
+    assert set(out["levels"]) == {"1", "4"}
+    for level in out["levels"].values():
+        assert level["succeeded"] == 12 and level["failed"] == 0
+        assert level["latency_ms"]["p50"] <= level["latency_ms"]["p99"] <= level["latency_ms"]["max"]
+        assert level["mean_model_batch"] >= 1

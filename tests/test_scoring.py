@@ -239,7 +239,7 @@ def test_bad_prompts_and_images_are_refused(scorers, pixels, demo_paths):
         ict.score_images([], "a cat")
     with pytest.raises(TypeError, match=r"got a tensor; score_images\(\) takes paths or PIL images, use score"):
         ict.score_images(pixels, "a cat")
-    with pytest.raises(TypeError, match=r"expected paths or PIL images, got int at index 1"):
+    with pytest.raises(TypeError, match=r"expected paths, encoded bytes or PIL images, got int at index 1"):
         ict.score_images([demo_paths[0], 3], "a cat")
     with pytest.raises(ValueError, match=r"batch_size: expected >= 1, got 0"):
         ict.score_images(demo_paths[:1], "a cat", batch_size=0)

@@ -4,7 +4,7 @@ Every scorer has
 
 - ``score(pixels, prompts) -> Tensor[B]``: pixels float ``[B, 3, H, W]`` in [0, 1] of any size, one prompt
   or ``B`` prompts; differentiable with respect to the pixels (reward fine-tuning entry point).
-- ``score_images(images, prompts) -> Tensor[N]``: paths or PIL images, preprocessed exactly as the released
+- ``score_images(images, prompts) -> Tensor[N]``: paths, encoded bytes or PIL images, preprocessed exactly as the released
   code does (``CLIPImageProcessor``), batched, decoded in parallel threads; returns CPU float32.
 - ``rank(prompt, images) -> Ranking``: best image first.
 
@@ -46,7 +46,8 @@ from .tokenizer import load_tokenizer, tokenize
 
 logger = logging.getLogger(__name__)
 
-ImageInput = str | os.PathLike | Image.Image
+#: An image for ``score_images``: a path, encoded file bytes (PNG, JPEG...), or a PIL image.
+ImageInput = str | os.PathLike | bytes | Image.Image
 _PIXEL_RANGE_TOLERANCE = 1e-3
 
 
@@ -112,16 +113,18 @@ def check_prompts(prompts: str | Sequence[str] | None, n: int, required: bool = 
 
 
 def _check_images(images: object) -> list[ImageInput]:
-    if isinstance(images, (str, os.PathLike, Image.Image)):
+    if isinstance(images, (str, os.PathLike, bytes, Image.Image)):
         return [images]  # type: ignore[list-item]
     if isinstance(images, torch.Tensor):
-        raise TypeError("images: got a tensor; score_images() takes paths or PIL images, use score(pixels, prompts)")
+        raise TypeError("images: got a tensor; score_images() takes paths, encoded bytes or PIL images, "
+                        "use score(pixels, prompts)")
     images = list(images)  # type: ignore[arg-type]
     if not images:
-        raise ValueError("images: expected at least one path or PIL image, got an empty list")
+        raise ValueError("images: expected at least one path, encoded image or PIL image, got an empty list")
     for i, im in enumerate(images):
-        if not isinstance(im, (str, os.PathLike, Image.Image)):
-            raise TypeError(f"images: expected paths or PIL images, got {type(im).__name__} at index {i}")
+        if not isinstance(im, (str, os.PathLike, bytes, Image.Image)):
+            raise TypeError(f"images: expected paths, encoded bytes or PIL images, got {type(im).__name__} "
+                            f"at index {i}")
     return images
 
 
