@@ -235,7 +235,7 @@ def test_bad_prompts_and_images_are_refused(scorers, pixels, demo_paths):
             scorer.score_images(demo_paths[:1])
     with pytest.raises(TypeError, match=r"expected strings, got int at index 1"):
         ict.score(pixels, ["a", 2, "c"])
-    with pytest.raises(ValueError, match=r"images: expected at least one path or PIL image, got an empty list"):
+    with pytest.raises(ValueError, match=r"images: expected at least one path, encoded image or PIL image, got an empty list"):
         ict.score_images([], "a cat")
     with pytest.raises(TypeError, match=r"got a tensor; score_images\(\) takes paths or PIL images, use score"):
         ict.score_images(pixels, "a cat")
