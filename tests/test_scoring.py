@@ -237,7 +237,7 @@ def test_bad_prompts_and_images_are_refused(scorers, pixels, demo_paths):
         ict.score(pixels, ["a", 2, "c"])
     with pytest.raises(ValueError, match=r"images: expected at least one path, encoded image or PIL image, got an empty list"):
         ict.score_images([], "a cat")
-    with pytest.raises(TypeError, match=r"got a tensor; score_images\(\) takes paths or PIL images, use score"):
+    with pytest.raises(TypeError, match=r"got a tensor; score_images\(\) takes paths, encoded bytes or PIL images, use score"):
         ict.score_images(pixels, "a cat")
     with pytest.raises(TypeError, match=r"expected paths, encoded bytes or PIL images, got int at index 1"):
         ict.score_images([demo_paths[0], 3], "a cat")
@@ -308,3 +308,11 @@ def test_load_returns_the_right_scorer_types(ict_hp, scorers):
     assert isinstance(scorers["ict"], ICTScorer) and isinstance(scorers["hp"], HPScorer)
     assert scorers["ict"].info.untrained and scorers["hp"].info.untrained
     assert [m.name for m in icthp.list_models()] == ["ict", "hp", "ict-hp"]
+
+
+def test_encoded_bytes_score_like_their_files(scorers, demo_paths):
+    ict_hp = scorers["ict-hp"]
+    from_files = ict_hp.score_images_all(demo_paths[:3], "a tiny dragon")
+    from_bytes = ict_hp.score_images_all([p.read_bytes() for p in demo_paths[:3]], "a tiny dragon")
+    for col in ("ict", "hp", "ict_hp"):
+        assert torch.equal(getattr(from_files, col), getattr(from_bytes, col))
