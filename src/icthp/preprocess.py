@@ -11,6 +11,12 @@ normalise with the OpenAI CLIP mean and std.
   follows PIL's filter; it does not round to uint8 nor clip the filter's overshoot (clipping would zero
   the gradients of saturated pixels). The two paths differ slightly: the measured gap on the demo images
   is in ``docs/preprocessing.md`` and checked by ``tests/test_preprocess.py``.
+
+Two options of :class:`PreprocessConfig` serve the baseline reward models (``icthp.baselines``):
+``crop_rounding="round"`` places the centre crop as torchvision's ``CenterCrop`` does (ImageReward, the
+aesthetic predictor), and ``resize="longest_pad"`` is open_clip's ``ResizeMaxSize`` as HPSv2 runs it (the
+longest side resized to ``size`` on the float tensor, then zero-padded to a centred square); with it both
+paths are the same torch computation, as in that release.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Decompression-bomb guard for images read from disk (PIL's own default warns at ~89 Mpx).
 MAX_IMAGE_PIXELS = 178_956_970
+RESIZE_MODES = ("shortest", "longest_pad")
+CROP_ROUNDINGS = ("floor", "round")
 
 
 @dataclass(frozen=True)
@@ -41,11 +49,26 @@ class PreprocessConfig:
     Attributes:
         size: shortest side after resizing and the side of the centre crop (224 for CLIP-H).
         mean, std: per-channel normalisation.
+        resize: ``"shortest"`` (shortest side to ``size``, then centre crop: ``CLIPImageProcessor``,
+            torchvision ``Resize`` + ``CenterCrop``) or ``"longest_pad"`` (longest side to ``size`` with
+            antialiased bicubic on the float tensor, then zero padding to a centred ``size x size`` square:
+            open_clip's ``ResizeMaxSize`` as HPSv2 runs it).
+        crop_rounding: where the centre crop starts when the margin is odd: ``"floor"``
+            (``(h - size) // 2``, ``CLIPImageProcessor``) or ``"round"`` (``round((h - size) / 2)``,
+            torchvision ``CenterCrop``).
     """
 
     size: int = 224
     mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
     std: tuple[float, float, float] = OPENAI_CLIP_STD
+    resize: str = "shortest"
+    crop_rounding: str = "floor"
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"resize: expected one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
+        if self.crop_rounding not in CROP_ROUNDINGS:
+            raise ValueError(f"crop_rounding: expected one of {', '.join(CROP_ROUNDINGS)}, got {self.crop_rounding!r}")
 
 
 def resize_shape(height: int, width: int, size: int) -> tuple[int, int]:
@@ -60,9 +83,28 @@ def resize_shape(height: int, width: int, size: int) -> tuple[int, int]:
     return int(size * height / width), size
 
 
-def crop_box(height: int, width: int, size: int) -> tuple[int, int]:
-    """Top-left corner ``(top, left)`` of the centre crop, rounded down as ``CLIPImageProcessor`` does."""
+def crop_box(height: int, width: int, size: int, rounding: str = "floor") -> tuple[int, int]:
+    """Top-left corner ``(top, left)`` of the centre crop: rounded down as ``CLIPImageProcessor`` does, or
+    (``rounding="round"``) to the nearest integer, ties to even, as torchvision's ``CenterCrop`` does.
+
+    Example:
+        >>> crop_box(299, 224, 224), crop_box(299, 224, 224, "round")
+        ((37, 0), (38, 0))
+    """
+    if rounding == "round":
+        return int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
     return (height - size) // 2, (width - size) // 2
+
+
+def pad_shape(height: int, width: int, size: int) -> tuple[int, int]:
+    """Output ``(height, width)`` when the longest side becomes ``size`` (``round``, as open_clip does).
+
+    Example:
+        >>> pad_shape(480, 640, 224)
+        (168, 224)
+    """
+    scale = size / float(max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
 
 
 def load_image(
@@ -109,11 +151,15 @@ def pil_to_model_input(image: Image.Image, cfg: PreprocessConfig = PreprocessCon
         torch.Size([3, 224, 224])
     """
     image = image.convert("RGB") if image.mode != "RGB" else image
+    if cfg.resize == "longest_pad":
+        # open_clip converts to a float tensor first and resizes that (no uint8 rounding): same torch path.
+        arr = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return preprocess_tensor(arr[None].float() / 255.0, cfg)[0]
     w, h = image.size
     new_h, new_w = resize_shape(h, w, cfg.size)
     if (new_h, new_w) != (h, w):
         image = image.resize((new_w, new_h), resample=Image.BICUBIC)
-    top, left = crop_box(new_h, new_w, cfg.size)
+    top, left = crop_box(new_h, new_w, cfg.size, cfg.crop_rounding)
     image = image.crop((left, top, left + cfg.size, top + cfg.size))
     arr = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
     return normalize(arr.float() / 255.0, cfg)
@@ -150,11 +196,16 @@ def preprocess_tensor(pixels: torch.Tensor, cfg: PreprocessConfig = PreprocessCo
         torch.Size([2, 3, 224, 224])
     """
     _, _, h, w = pixels.shape
-    new_h, new_w = resize_shape(h, w, cfg.size)
+    new_h, new_w = (pad_shape if cfg.resize == "longest_pad" else resize_shape)(h, w, cfg.size)
     x = pixels
     if (new_h, new_w) != (h, w):
         # Antialiased bicubic is implemented for float32/float64 on every device; compute it in float32.
         x = F.interpolate(x.float(), size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
-    top, left = crop_box(new_h, new_w, cfg.size)
+    if cfg.resize == "longest_pad":
+        # Black (0 before normalisation) borders, the odd pixel on the right / bottom, as open_clip pads.
+        pad_h, pad_w = cfg.size - new_h, cfg.size - new_w
+        x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=0.0)
+        return normalize(x, cfg)
+    top, left = crop_box(new_h, new_w, cfg.size, cfg.crop_rounding)
     x = x[:, :, top : top + cfg.size, left : left + cfg.size]
     return normalize(x, cfg)

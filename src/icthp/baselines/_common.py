@@ -1,0 +1,416 @@
+"""What the baseline scorers share: their result type, a base class, locating files, strict CLIP loading,
+a prompt-embedding cache and seeded random weights for tests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoints import (
+    PRESET_MARKER,
+    CheckpointInfo,
+    _assign,
+    _float_dtype,
+    check_keys,
+    looks_like_hub_id,
+    read_state_dict,
+    resolve_dtype,
+)
+from ..errors import CheckpointError
+from ..modeling import (
+    architecture_dict,
+    build_clip,
+    clip_config,
+    config_to_dict,
+    restore_position_ids,
+    vision_features,
+)
+from ..preprocess import PreprocessConfig, preprocess_tensor
+from ..scoring import (
+    ImageInput,
+    Scorer,
+    _check_images,
+    check_pixels,
+    check_prompts,
+    iter_batches,
+    to_device,
+)
+
+logger = logging.getLogger(__name__)
+
+CLIP_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+# Hub files of a transformers CLIP repository: safetensors first, the .bin only where there is none
+# (laion's CLIP-H repository holds both, 4 GB each, and open_clip copies besides: never fetch those).
+CLIP_HUB_PATTERNS = (["*.json", "*.txt", "model.safetensors"], ["*.json", "*.txt", "pytorch_model.bin"])
+
+
+# --------------------------------------------------------------------------------------------- results
+
+
+class BaselineScores:
+    """Every component of a baseline scorer for a batch, as attributes (``s.pickscore``) and :meth:`as_dict`.
+
+    Example:
+        >>> s = BaselineScores(clip=torch.tensor([0.3, 0.2]))
+        >>> s.clip, list(s.as_dict())
+        (tensor([0.3000, 0.2000]), ['clip'])
+    """
+
+    def __init__(self, **components: torch.Tensor):
+        self._components = dict(components)
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        components = self.__dict__.get("_components", {})
+        if name in components:
+            return components[name]
+        raise AttributeError(f"no score component {name!r}; this scorer has: {', '.join(components) or 'none'}")
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self._components)
+
+    def __repr__(self) -> str:
+        return f"BaselineScores({', '.join(f'{k}={v!r}' for k, v in self._components.items())})"
+
+
+# --------------------------------------------------------------------------------------------- scorer
+
+
+class BaselineScorer(Scorer):
+    """Base of the baseline scorers: one checkpoint, its :class:`CheckpointInfo`, device moves.
+
+    ``score_all`` / ``score_images_all`` return :class:`BaselineScores`, whose components are the
+    baseline's own (``icthp.Scores`` only holds the ICT-HP ones).
+    """
+
+    def __init__(self, preprocess: PreprocessConfig, networks: Mapping[str, nn.Module], info: CheckpointInfo,
+                 dtype: torch.dtype):
+        first = next(iter(networks.values()))
+        super().__init__(preprocess, next(first.parameters()).device, dtype)
+        self.networks = dict(networks)
+        self.info = info
+        if info.untrained:
+            logger.warning("%s: %s", self.name, info.describe())
+
+    def to(self, device: str | torch.device):
+        for module in self.networks.values():
+            module.to(device)
+        self.device = torch.device(device)
+        self._clear_caches()
+        return self
+
+    def _clear_caches(self) -> None:
+        """Drop anything cached on the old device (prompt embeddings)."""
+
+    def score_all(self, pixels: torch.Tensor, prompts: str | Sequence[str] | None = None) -> BaselineScores:
+        """Every component of this scorer, differentiable w.r.t. ``pixels`` ``[B, 3, H, W]`` in [0, 1]."""
+        pixels = check_pixels(pixels)
+        prompt_list = check_prompts(prompts, pixels.shape[0], self.needs_prompt)
+        inputs = preprocess_tensor(pixels.to(self.device), self.preprocess)
+        return BaselineScores(**self.components(inputs, prompt_list))
+
+    def score_images_all(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        prompts: str | Sequence[str] | None = None,
+        *,
+        batch_size: int = 32,
+        num_workers: int | None = None,
+    ) -> BaselineScores:
+        """Every component for image files / PIL images (the release's preprocessing); CPU tensors ``[N]``."""
+        images = _check_images(images)
+        prompt_list = check_prompts(prompts, len(images), self.needs_prompt)
+        columns: dict[str, torch.Tensor] = {}
+        with torch.inference_mode():
+            for batch in iter_batches(images, self.preprocess, batch_size, num_workers):
+                if batch.errors:
+                    raise batch.errors[0][1]
+                sub = None if prompt_list is None else [prompt_list[i] for i in batch.indices]
+                for name, value in self.components(to_device(batch.pixel_values, self.device), sub).items():
+                    columns.setdefault(name, torch.empty(len(images)))[batch.indices] = value.float().cpu()
+        return BaselineScores(**columns)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(source={self.info.source!r}, device={self.device}, "
+                f"dtype={str(self.dtype).replace('torch.', '')})")
+
+
+class PromptCache:
+    """Normalised text features ``[P]`` (float32) per prompt, each encoded once, least recently used evicted.
+
+    ``encode(prompts) -> [n, P]`` runs without gradient (rewards are for images, not prompts); the cached
+    tensors are ordinary tensors, so a later differentiable ``score`` can use them.
+    """
+
+    def __init__(self, encode: Callable[[list[str]], torch.Tensor], max_size: int = 10_000):
+        self.encode = encode
+        self.max_size = max_size
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        if missing:
+            with torch.inference_mode(False), torch.no_grad():
+                feats = F.normalize(self.encode(missing).float(), dim=-1)
+            for p, f in zip(missing, feats, strict=True):
+                self._cache[p] = f
+        for p in prompts:
+            self._cache.move_to_end(p)
+        out = torch.stack([self._cache[p] for p in prompts])
+        # Evicted only once this batch is read: a batch may hold more new prompts than the cache does.
+        while len(self._cache) > self.max_size:
+            self._cache.popitem(last=False)
+        return out
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+
+# --------------------------------------------------------------------------------------------- locating
+
+
+def resolve_directory(
+    source: str | os.PathLike,
+    what: str,
+    patterns: Sequence[Sequence[str]],
+    revision: str | None = None,
+    complete: Callable[[Path], bool] | None = None,
+) -> Path:
+    """A local directory for ``source``: an existing directory, or a hub id fetched with
+    ``huggingface_hub.snapshot_download`` (its cache, ``HF_HOME`` and ``HF_HUB_OFFLINE=1`` honoured).
+
+    Only files matching ``patterns`` are fetched; each pattern list is tried in turn until ``complete``
+    accepts the directory (e.g. safetensors first, the ``.bin`` only when there is no safetensors file).
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    src = str(source)
+    if not looks_like_hub_id(src):
+        raise CheckpointError(
+            f"{what}: {src!r} is neither an existing directory nor a hub id of the form 'owner/name'"
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        local = None
+        for allow in patterns:
+            local = Path(snapshot_download(repo_id=src, revision=revision, allow_patterns=list(allow)))
+            if complete is None or complete(local):
+                break
+        assert local is not None
+        return local
+    except Exception as exc:  # network, offline cache miss, gated repository...
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
+        hint = ("HF_HUB_OFFLINE is set and the files are not in the local cache" if offline
+                else "the hub could not be reached and the files are not in the local cache")
+        raise CheckpointError(
+            f"could not get {what} {src!r} from the Hugging Face hub ({hint}): {type(exc).__name__}: {exc}. "
+            f"Download it where there is network (e.g. `hf download {src} --local-dir DIR`) and pass the "
+            "directory instead."
+        ) from exc
+
+
+def resolve_file(
+    source: str | os.PathLike,
+    names: Sequence[str],
+    what: str,
+    revision: str | None = None,
+) -> Path:
+    """The weight file for ``source``: the file itself, the first of ``names`` in a directory, or that file
+    fetched from a hub repository (only that file).
+    """
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path
+    directory = resolve_directory(source, what, [[n] for n in names], revision,
+                                  complete=lambda d: first_existing(d, names) is not None)
+    found = first_existing(directory, names)
+    if found is None:
+        raise CheckpointError(f"no {what} weights in {directory}: expected {' or '.join(names)}")
+    return found
+
+
+def first_existing(directory: Path, names: Iterable[str]) -> Path | None:
+    for name in names:
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def is_untrained(directory: Path) -> bool:
+    """True when a marker written by the ``write_random_*`` helpers labels the weights as random."""
+    marker = directory / PRESET_MARKER
+    return marker.is_file() and bool(read_json(marker).get("untrained", False))
+
+
+def write_marker(directory: Path, name: str, seed: int) -> None:
+    """Label a directory of random weights, so that every scorer built on it warns that scores are meaningless."""
+    marker = {"preset": name, "seed": seed, "untrained": True,
+              "warning": f"{name}: UNTRAINED random weights, scores are meaningless (for tests only)"}
+    (directory / PRESET_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+
+
+def expected_shapes(module: nn.Module) -> dict[str, torch.Size]:
+    return {k: v.shape for k, v in module.state_dict().items()}
+
+
+# --------------------------------------------------------------------------------------------- CLIP
+
+
+class CLIPVision(nn.Module):
+    """The image half of a transformers ``CLIPModel``: ``vision_model`` + ``visual_projection`` (same keys)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        from transformers import CLIPVisionModelWithProjection
+
+        tower = CLIPVisionModelWithProjection(cfg.vision_config)
+        self.config = cfg
+        self.vision_model = tower.vision_model
+        self.visual_projection = tower.visual_projection
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected, unnormalised image features ``[B, projection_dim]``."""
+        return vision_features(self, pixel_values)
+
+
+_VISION_PREFIXES = ("vision_model.", "visual_projection.")
+
+
+def load_clip(
+    directory: Path,
+    what: str,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    vision_only: bool = False,
+    default_architecture: str | None = None,
+) -> tuple[nn.Module, dict[str, Any], Path, str]:
+    """Build a transformers CLIP from ``directory/config.json`` on the meta device and assign the weights of
+    ``model.safetensors`` (or ``pytorch_model.bin``) strictly.
+
+    The file must hold a full ``CLIPModel``: every key present, none unknown, every shape equal, or
+    :class:`CheckpointError` names them. ``vision_only`` keeps the image tower (:class:`CLIPVision`) and
+    drops the text tower once checked. Without ``config.json`` the ``default_architecture`` is assumed.
+
+    Returns:
+        ``(model, config dict, weights file, float dtype of the file)``; the model in eval mode, no gradients.
+    """
+    weights = first_existing(directory, CLIP_WEIGHTS)
+    if weights is None:
+        raise CheckpointError(f"no {what} weights in {directory}: expected {' or '.join(CLIP_WEIGHTS)}")
+    cfg_file = directory / "config.json"
+    if cfg_file.is_file():
+        cfg_dict, hint = read_json(cfg_file), "The config.json beside the weights does not describe them."
+    elif default_architecture is not None:
+        cfg_dict = architecture_dict(default_architecture)
+        hint = (f"No config.json was found beside the weights, so the {default_architecture} architecture was "
+                "assumed; put the model's config.json beside the weights if it is another CLIP.")
+    else:
+        raise CheckpointError(f"no config.json in {directory}: a transformers CLIP directory has one beside "
+                              f"{weights.name}")
+    cfg = clip_config(cfg_dict)
+    state = read_state_dict(weights)
+    check_keys(expected_shapes(build_clip(cfg)), state, f"{what} checkpoint {weights}", hint)
+    file_dtype = _float_dtype(state)
+    if vision_only:
+        state = {k: v for k, v in state.items() if k.startswith(_VISION_PREFIXES)}
+        with torch.device("meta"):
+            model: nn.Module = CLIPVision(cfg)
+    else:
+        model = build_clip(cfg)
+    _assign(model, state, resolve_dtype(dtype), torch.device(device), file_backed=weights.suffix == ".safetensors")
+    model.eval().requires_grad_(False)
+    return model, config_to_dict(cfg), weights, file_dtype
+
+
+def clip_text_features(model: nn.Module, tokenizer, prompts: list[str], context_length: int) -> torch.Tensor:
+    """Projected text features ``[n, P]`` of a ``CLIPModel`` (pooled at the end-of-text token)."""
+    from ..modeling import text_features
+    from ..tokenizer import tokenize
+
+    ids, mask = tokenize(tokenizer, prompts, context_length)
+    device = model.text_projection.weight.device
+    return text_features(model, ids.to(device), mask.to(device))
+
+
+def context_length(cfg: Mapping[str, Any]) -> int:
+    return int(cfg["text_config"].get("max_position_embeddings", 77))
+
+
+# --------------------------------------------------------------------------------------------- random weights
+
+
+def random_state(module: nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Seeded random values for every tensor of ``module``'s state dict (not ``position_ids``), by module type.
+
+    Scales keep activations O(1) through deep towers, so tiny random models give scores that vary from one
+    image to the next (a parity test on near-constant scores would prove little): layer norms ``1 + N(0, .1)``,
+    linear and convolution weights ``N(0, 1 / fan_in)``, embeddings ``N(0, .02)``, biases ``N(0, .02)``,
+    other parameters (class tokens, positional embeddings) ``N(0, .5)``.
+    """
+    owner = {}
+    for mod_name, mod in module.named_modules():
+        for p_name, _ in mod.named_parameters(recurse=False):
+            owner[f"{mod_name}.{p_name}" if mod_name else p_name] = (mod, p_name)
+    state = {}
+    for key, value in sorted(module.state_dict().items()):
+        if key.endswith("position_ids"):
+            continue
+        shape = value.shape
+        mod, p_name = owner.get(key, (None, key))
+        if isinstance(mod, nn.LayerNorm):
+            t = (1.0 + 0.1 * torch.randn(shape, generator=generator)) if p_name == "weight" else \
+                0.1 * torch.randn(shape, generator=generator)
+        elif p_name == "bias" or isinstance(mod, nn.Embedding):
+            t = 0.02 * torch.randn(shape, generator=generator)
+        elif isinstance(mod, (nn.Linear, nn.Conv2d)):
+            t = math.prod(shape[1:]) ** -0.5 * torch.randn(shape, generator=generator)
+        else:
+            t = 0.5 * torch.randn(shape, generator=generator)
+        state[key] = t.float()
+    return state
+
+
+def random_clip(cfg, seed: int, logit_scale: float = math.log(100.0)):
+    """A ``CLIPModel`` with seeded random weights (CPU, float32) and the given ``logit_scale``."""
+    gen = torch.Generator().manual_seed(seed)
+    model = build_clip(cfg)  # meta: no memory, no initialisation that would be overwritten
+    state = random_state(model, gen)
+    state["logit_scale"] = torch.tensor(float(logit_scale))
+    model.load_state_dict(state, strict=False, assign=True)
+    restore_position_ids(model)
+    return model.eval()
+
+
+def save_clip_directory(model: nn.Module, directory: Path) -> None:
+    """Write a transformers CLIP directory as the hub holds one: ``config.json`` + ``model.safetensors``."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+             if not k.endswith("position_ids")}
+    (directory / "config.json").write_text(json.dumps(config_to_dict(model.config), indent=2) + "\n",
+                                           encoding="utf-8")
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})

@@ -1,0 +1,530 @@
+"""ImageReward (Xu et al., NeurIPS 2023), in plain torch with the release's state-dict keys.
+
+The network (THUDM/ImageReward, ``ImageReward/ImageReward.py`` and ``models/BLIP``):
+
+- ``blip.visual_encoder``: BLIP's ViT-L/16 at 224 px (timm-style pre-norm blocks, LayerNorm eps 1e-6,
+  exact GELU); its output is every token ``[B, 1 + 196, 1024]`` after the final norm.
+- ``blip.text_encoder``: BLIP's BERT-base (``med.py``; word + position embeddings, no token types) whose
+  every layer runs self-attention over the prompt, cross-attention to all image tokens, then the
+  feed-forward block (post-norm, eps 1e-12). Padded prompt positions get ``-10000`` in self-attention.
+- ``mlp``: ``Linear(768, 1024), Dropout, Linear(1024, 128), Dropout, Linear(128, 64), Dropout,
+  Linear(64, 16), Linear(16, 1)`` (no activations) on the first token's output.
+- reward ``= (mlp(h[:, 0]) - 0.16717362830052426) / 1.0333394966054072``.
+
+Prompts are tokenised with BERT's ``bert-base-uncased`` WordPiece vocabulary plus BLIP's two added tokens
+(``[DEC]``, ``[ENC]``), padded and truncated to 35 tokens. That vocabulary is not part of the ImageReward
+repository: it is read from a directory (``tokenizer=``, or ``vocab.txt`` beside ``ImageReward.pt``) or
+fetched from the hub (``google-bert/bert-base-uncased``, honouring ``HF_HUB_OFFLINE``).
+
+Images are preprocessed as the release does with torchvision: bicubic resize of the shortest side to 224,
+centre crop placed with ``round`` (torchvision's ``CenterCrop``), OpenAI CLIP mean/std.
+
+The released ``ImageReward.pt`` is a flat state dict (read with ``torch.load(weights_only=True)``). Besides
+the keys above it may hold BLIP's contrastive projections ``blip.vision_proj.*`` / ``blip.text_proj.*``
+(built by ``BLIP_Pretrain``, never used by the reward) and BERT's ``position_ids`` buffer: those are
+accepted, shape-checked and dropped. Any other difference fails, naming the keys.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoints import CheckpointInfo, _assign, _float_dtype, check_keys, read_state_dict, resolve_dtype
+from ..errors import CheckpointError
+from ..modeling import HPHead
+from ..preprocess import PreprocessConfig
+from ._common import (
+    BaselineScorer,
+    expected_shapes,
+    is_untrained,
+    random_state,
+    read_json,
+    resolve_directory,
+    write_marker,
+)
+
+logger = logging.getLogger(__name__)
+
+IMAGEREWARD_REPO = "THUDM/ImageReward"
+WEIGHTS_FILE = "ImageReward.pt"
+MED_CONFIG_FILE = "med_config.json"
+BERT_TOKENIZER = "google-bert/bert-base-uncased"
+REWARD_MEAN = 0.16717362830052426
+REWARD_STD = 1.0333394966054072
+_TOKENIZER_FILES = ["vocab.txt", "tokenizer_config.json", "special_tokens_map.json"]
+
+
+# --------------------------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class BlipVisionConfig:
+    """BLIP's ViT image encoder; the defaults are ImageReward's (``vit="large"``, 224 px)."""
+
+    image_size: int = 224
+    patch_size: int = 16
+    width: int = 1024
+    layers: int = 24
+    heads: int = 16
+    mlp_ratio: float = 4.0
+    layer_norm_eps: float = 1e-6
+
+
+@dataclass(frozen=True)
+class BlipTextConfig:
+    """BLIP's BERT text encoder (the fields of ``med_config.json`` it uses; defaults as released)."""
+
+    vocab_size: int = 30524  # bert-base-uncased's 30522 + BLIP's [DEC] and [ENC]
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+
+
+@dataclass(frozen=True)
+class ImageRewardConfig:
+    """Everything that shapes an ImageReward network.
+
+    Attributes:
+        vision, text: the two encoders (the text encoder's cross-attention reads ``vision.width``).
+        embed_dim: width of BLIP's unused contrastive projections (256 in ``BLIP_Pretrain``, not part of
+            ``med_config.json``), checked when the file holds them.
+        max_length: prompt length in tokens (padded / truncated, ``[CLS]`` and ``[SEP]`` included).
+        mean, std: the release's normalisation of the MLP output.
+
+    Example:
+        >>> ImageRewardConfig().text.hidden_size
+        768
+    """
+
+    vision: BlipVisionConfig = field(default_factory=BlipVisionConfig)
+    text: BlipTextConfig = field(default_factory=BlipTextConfig)
+    embed_dim: int = 256
+    max_length: int = 35
+    mean: float = REWARD_MEAN
+    std: float = REWARD_STD
+
+    @classmethod
+    def from_med_config(cls, med: Mapping[str, Any]) -> ImageRewardConfig:
+        """Read a BLIP ``med_config.json`` dictionary (plus icthp's optional ``vision_config`` entry, which
+        the release does not have: it always builds ViT-L/16 at 224 px).
+        """
+        if not med.get("add_cross_attention", False):
+            raise CheckpointError("med_config.json: ImageReward's text encoder needs add_cross_attention: true")
+        for key, allowed in (("position_embedding_type", "absolute"), ("hidden_act", "gelu")):
+            if med.get(key, allowed) != allowed:
+                raise CheckpointError(f"med_config.json: {key} {med[key]!r} is not supported (only {allowed!r})")
+        names = BlipTextConfig.__dataclass_fields__
+        text = BlipTextConfig(**{k: v for k, v in med.items() if k in names})
+        vision = BlipVisionConfig(**med.get("vision_config", {}))
+        return cls(vision=vision, text=text)
+
+    def med_config(self) -> dict[str, Any]:
+        """This configuration as a ``med_config.json`` dictionary (with ``vision_config``)."""
+        return {
+            "architectures": ["BertModel"], "model_type": "bert", "add_cross_attention": True,
+            "hidden_act": "gelu", "attention_probs_dropout_prob": 0.1, "hidden_dropout_prob": 0.1,
+            "initializer_range": 0.02, "type_vocab_size": 2, "encoder_width": self.vision.width,
+            **asdict(self.text), "vision_config": asdict(self.vision),
+        }
+
+
+# --------------------------------------------------------------------------------------------- vision
+
+
+class _PatchEmbed(nn.Module):
+    def __init__(self, cfg: BlipVisionConfig):
+        super().__init__()
+        self.proj = nn.Conv2d(3, cfg.width, cfg.patch_size, cfg.patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # [B, D, g, g] -> [B, g*g, D]
+
+
+class _VitAttention(nn.Module):
+    def __init__(self, cfg: BlipVisionConfig):
+        super().__init__()
+        self.heads = cfg.heads
+        self.qkv = nn.Linear(cfg.width, 3 * cfg.width)
+        self.proj = nn.Linear(cfg.width, cfg.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)  # scale head_dim ** -0.5, as the release
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class _VitMlp(nn.Module):
+    def __init__(self, cfg: BlipVisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.width, int(cfg.width * cfg.mlp_ratio))
+        self.fc2 = nn.Linear(int(cfg.width * cfg.mlp_ratio), cfg.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class _VitBlock(nn.Module):
+    def __init__(self, cfg: BlipVisionConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.attn = _VitAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.mlp = _VitMlp(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class BlipVisionTransformer(nn.Module):
+    """BLIP's ViT: ``[B, 3, S, S]`` normalised pixels -> every token after the final norm ``[B, 1 + N, D]``."""
+
+    def __init__(self, cfg: BlipVisionConfig):
+        super().__init__()
+        grid = cfg.image_size // cfg.patch_size
+        self.patch_embed = _PatchEmbed(cfg)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, cfg.width))
+        self.blocks = nn.ModuleList(_VitBlock(cfg) for _ in range(cfg.layers))
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(pixel_values.to(self.cls_token.dtype))
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+# --------------------------------------------------------------------------------------------- text
+
+
+class _BertEmbeddings(nn.Module):
+    def __init__(self, cfg: BlipTextConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return self.LayerNorm(self.word_embeddings(input_ids) + self.position_embeddings(positions))
+
+
+class _BertSelfAttention(nn.Module):
+    def __init__(self, cfg: BlipTextConfig, context_width: int):
+        super().__init__()
+        self.heads = cfg.num_attention_heads
+        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.key = nn.Linear(context_width, cfg.hidden_size)
+        self.value = nn.Linear(context_width, cfg.hidden_size)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # [B, L, H*d] -> [B, H, L, d]
+
+    def forward(self, hidden: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        q, k, v = self._split(self.query(hidden)), self._split(self.key(context)), self._split(self.value(context))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2)
+
+
+class _BertResidualNorm(nn.Module):
+    """``LayerNorm(dense(x) + residual)``: BERT's ``BertSelfOutput`` / ``BertOutput``."""
+
+    def __init__(self, cfg: BlipTextConfig, in_features: int):
+        super().__init__()
+        self.dense = nn.Linear(in_features, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dense(x) + residual)
+
+
+class _BertAttention(nn.Module):
+    def __init__(self, cfg: BlipTextConfig, context_width: int):
+        super().__init__()
+        self.self = _BertSelfAttention(cfg, context_width)  # named as in BERT, for the checkpoint's keys
+        self.output = _BertResidualNorm(cfg, cfg.hidden_size)
+
+    def forward(self, hidden: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return self.output(self.self(hidden, context, mask), hidden)
+
+
+class _BertIntermediate(nn.Module):
+    def __init__(self, cfg: BlipTextConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.dense(x))
+
+
+class _BertLayer(nn.Module):
+    def __init__(self, cfg: BlipTextConfig, image_width: int):
+        super().__init__()
+        self.attention = _BertAttention(cfg, cfg.hidden_size)
+        self.crossattention = _BertAttention(cfg, image_width)
+        self.intermediate = _BertIntermediate(cfg)
+        self.output = _BertResidualNorm(cfg, cfg.intermediate_size)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        hidden = self.attention(hidden, hidden, mask)
+        hidden = self.crossattention(hidden, image, None)  # every image token is attended to
+        return self.output(self.intermediate(hidden), hidden)
+
+
+class _BertEncoder(nn.Module):
+    def __init__(self, cfg: BlipTextConfig, image_width: int):
+        super().__init__()
+        self.layer = nn.ModuleList(_BertLayer(cfg, image_width) for _ in range(cfg.num_hidden_layers))
+
+
+class BlipTextEncoder(nn.Module):
+    """BLIP's BERT in its multimodal mode: prompt tokens attend to themselves, then to the image tokens.
+
+    ``forward(input_ids [B, L], attention_mask [B, L], image_embeds [B, N, D_img]) -> [B, L, H]``.
+    """
+
+    def __init__(self, cfg: BlipTextConfig, image_width: int):
+        super().__init__()
+        self.embeddings = _BertEmbeddings(cfg)
+        self.encoder = _BertEncoder(cfg, image_width)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+        hidden = self.embeddings(input_ids)
+        # BERT's additive mask: 0 for prompt tokens, -10000 for padding (as the release, not -inf).
+        mask = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * -10000.0
+        for layer in self.encoder.layer:
+            hidden = layer(hidden, mask, image_embeds)
+        return hidden
+
+
+class _Blip(nn.Module):
+    def __init__(self, cfg: ImageRewardConfig):
+        super().__init__()
+        self.visual_encoder = BlipVisionTransformer(cfg.vision)
+        self.text_encoder = BlipTextEncoder(cfg.text, cfg.vision.width)
+
+
+class ImageRewardModel(nn.Module):
+    """ImageReward: ``forward(pixel_values, input_ids, attention_mask) -> reward [B]`` (float32, normalised).
+
+    State-dict keys are the release's (``blip.visual_encoder.*``, ``blip.text_encoder.*``, ``mlp.layers.*``).
+
+    Example:
+        >>> cfg = ImageRewardConfig(vision=BlipVisionConfig(64, 32, 32, 1, 2), text=BlipTextConfig(50, 32, 1, 2, 64, 40))
+        >>> model = ImageRewardModel(cfg).eval()
+        >>> model(torch.zeros(2, 3, 64, 64), torch.ones(2, 5, dtype=torch.long), torch.ones(2, 5)).shape
+        torch.Size([2])
+    """
+
+    def __init__(self, cfg: ImageRewardConfig = ImageRewardConfig()):
+        super().__init__()
+        self.config = cfg
+        self.blip = _Blip(cfg)
+        # The same MLP as HP's head (the ICT-HP authors took it from ImageReward); kept in float32.
+        self.mlp = HPHead(cfg.text.hidden_size)
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        image = self.blip.visual_encoder(pixel_values)
+        hidden = self.blip.text_encoder(input_ids, attention_mask, image)
+        first = hidden[:, 0].to(self.mlp.layers[0].weight.dtype)
+        return (self.mlp(first).float() - self.config.mean) / self.config.std
+
+
+def unused_release_shapes(cfg: ImageRewardConfig) -> dict[str, torch.Size]:
+    """Keys the released file may hold that the reward never uses (BLIP's contrastive projections)."""
+    e, dv, dt = cfg.embed_dim, cfg.vision.width, cfg.text.hidden_size
+    return {"blip.vision_proj.weight": torch.Size((e, dv)), "blip.vision_proj.bias": torch.Size((e,)),
+            "blip.text_proj.weight": torch.Size((e, dt)), "blip.text_proj.bias": torch.Size((e,))}
+
+
+# --------------------------------------------------------------------------------------------- tokenizer
+
+
+def load_bert_tokenizer(source: str | os.PathLike | None = None, checkpoint_dir: Path | None = None,
+                        revision: str | None = None):
+    """BLIP's tokenizer: BERT ``bert-base-uncased`` WordPiece plus the added ``[DEC]`` (bos) and ``[ENC]``.
+
+    ``source``: a directory with ``vocab.txt`` or a hub id; ``None`` looks for ``vocab.txt`` in
+    ``checkpoint_dir`` (or its ``tokenizer/`` folder), then fetches ``google-bert/bert-base-uncased``.
+
+    Example:
+        >>> tok = load_bert_tokenizer("path/to/bert-base-uncased")  # doctest: +SKIP
+    """
+    from transformers import BertTokenizer
+
+    directory: Path | None = None
+    if source is None and checkpoint_dir is not None:
+        directory = next((d for d in (checkpoint_dir, checkpoint_dir / "tokenizer") if (d / "vocab.txt").is_file()),
+                         None)
+    if directory is None:
+        name = str(source or BERT_TOKENIZER)
+        try:
+            directory = resolve_directory(name, "BERT tokenizer", [_TOKENIZER_FILES], revision)
+        except CheckpointError as exc:
+            raise CheckpointError(
+                f"{exc} ImageReward tokenises prompts with BERT's bert-base-uncased WordPiece vocabulary, which "
+                "is not part of THUDM/ImageReward: pass tokenizer=DIR (a directory holding vocab.txt, e.g. from "
+                f"`hf download {BERT_TOKENIZER} vocab.txt tokenizer_config.json --local-dir DIR`) or put "
+                "vocab.txt beside ImageReward.pt."
+            ) from None
+        if not (directory / "vocab.txt").is_file():
+            raise CheckpointError(f"no vocab.txt in {directory}: ImageReward needs the bert-base-uncased vocabulary")
+    tokenizer = BertTokenizer.from_pretrained(str(directory), do_lower_case=True)
+    # As BLIP's init_tokenizer: these two tokens take ids 30522 and 30523 of the 30524-token embedding.
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    return tokenizer
+
+
+# --------------------------------------------------------------------------------------------- scorer
+
+
+def _locate(source: str | os.PathLike, revision: str | None) -> Path:
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path
+    directory = resolve_directory(source, "ImageReward", [[WEIGHTS_FILE, MED_CONFIG_FILE]], revision)
+    if not (directory / WEIGHTS_FILE).is_file():
+        raise CheckpointError(f"no ImageReward weights in {directory}: expected {WEIGHTS_FILE} (and {MED_CONFIG_FILE})")
+    return directory / WEIGHTS_FILE
+
+
+def load_imagereward(
+    source: str | os.PathLike = IMAGEREWARD_REPO,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    revision: str | None = None,
+) -> tuple[ImageRewardModel, CheckpointInfo]:
+    """Build ImageReward from ``med_config.json`` on the meta device and assign ``ImageReward.pt`` strictly.
+
+    The encoders run in ``dtype``; the MLP stays float32.
+
+    Example:
+        >>> model, info = load_imagereward("THUDM/ImageReward", device="cuda")  # doctest: +SKIP
+    """
+    weights = _locate(source, revision)
+    med_file = weights.parent / MED_CONFIG_FILE
+    if med_file.is_file():
+        cfg, hint = ImageRewardConfig.from_med_config(read_json(med_file)), f"The {MED_CONFIG_FILE} beside the weights does not describe them."
+    else:
+        cfg, hint = ImageRewardConfig(), f"No {MED_CONFIG_FILE} beside the weights: the released architecture was assumed."
+        logger.info("no %s beside %s: assuming the released ImageReward architecture", MED_CONFIG_FILE, weights)
+    state = read_state_dict(weights)
+    with torch.device("meta"):
+        model = ImageRewardModel(cfg)
+    expected = expected_shapes(model)
+    unused = {k: s for k, s in unused_release_shapes(cfg).items() if k in state}
+    check_keys({**expected, **unused}, state, f"ImageReward checkpoint {weights}", hint)
+    file_dtype = _float_dtype(state)
+    for key in unused:
+        del state[key]
+    _assign(model, state, resolve_dtype(dtype), torch.device(device), fp32_prefixes=("mlp.",))
+    model.eval().requires_grad_(False)
+    info = CheckpointInfo("imagereward", str(source), str(weights.parent), "released",
+                          {"med_config": cfg.med_config()}, file_dtype, is_untrained(weights.parent), [str(weights)])
+    return model, info
+
+
+class ImageRewardScorer(BaselineScorer):
+    """ImageReward: a BLIP image-text encoder + MLP trained on 137k expert comparisons; the reward is
+    normalised to about mean 0, std 1 over the authors' generations (higher is better; most images score
+    between -2 and 2).
+
+    Example:
+        >>> ir = ImageRewardScorer.from_pretrained(tokenizer="bert-base-uncased/", device="cuda")  # doctest: +SKIP
+        >>> ir.score_images(["I1.jpg", "I2.jpg"], "a wooden Ferrari")  # doctest: +SKIP
+        tensor([-0.4120,  0.8874])
+    """
+
+    name = "imagereward"
+    needs_prompt = True
+    component_names = ("imagereward",)
+    main_component = "imagereward"
+    default_source = IMAGEREWARD_REPO
+
+    def __init__(self, model: ImageRewardModel, info: CheckpointInfo, tokenizer):
+        cfg = model.config
+        super().__init__(PreprocessConfig(size=cfg.vision.image_size, crop_rounding="round"), {"model": model},
+                         info, model.blip.visual_encoder.cls_token.dtype)
+        if len(tokenizer) > cfg.text.vocab_size:
+            raise CheckpointError(f"the tokenizer has {len(tokenizer)} tokens but the text encoder's vocabulary "
+                                  f"has {cfg.text.vocab_size}: not the vocabulary these weights were trained with")
+        self.model = model
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike | None = None, *, tokenizer=None,
+                        device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+                        revision: str | None = None) -> ImageRewardScorer:
+        """Load ImageReward from the hub (``THUDM/ImageReward``: ``ImageReward.pt`` + ``med_config.json``),
+        a local directory holding them, or the ``.pt`` file (``med_config.json`` beside it).
+
+        ``tokenizer``: a directory with BERT's ``vocab.txt``, a hub id, or a ready tokenizer; by default
+        ``vocab.txt`` beside the weights, else ``google-bert/bert-base-uncased`` from the hub.
+        """
+        source = source or cls.default_source
+        model, info = load_imagereward(source, device=device, dtype=dtype, revision=revision)
+        if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = load_bert_tokenizer(tokenizer, Path(info.path))
+        return cls(model, info, tokenizer)
+
+    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``input_ids`` and ``attention_mask`` ``[B, 35]`` as the release tokenises (padded, truncated)."""
+        enc = self.tokenizer(list(prompts), padding="max_length", truncation=True,
+                             max_length=self.model.config.max_length, return_tensors="pt")
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+
+    def _components(self, inputs, prompts):
+        ids, mask = self.tokenize(prompts)
+        return {"imagereward": self.model(inputs, ids, mask)}
+
+    def _image_towers(self) -> list[nn.Module]:
+        return [self.model.blip.visual_encoder]
+
+
+def write_random_imagereward(directory: str | os.PathLike, *, config: ImageRewardConfig | None = None,
+                             seed: int = 3) -> Path:
+    """Write UNTRAINED random weights as THUDM/ImageReward stores them: a flat state dict in
+    ``ImageReward.pt`` (with BLIP's unused projections and BERT's ``position_ids`` buffer, as saved by the
+    release's training code) and ``med_config.json`` (with a ``vision_config`` entry for the non-released
+    size), plus an untrained marker. The default ``config`` is tiny (2 layers of width 32 per encoder,
+    a 128-token vocabulary); for tests.
+
+    Example:
+        >>> write_random_imagereward("/tmp/imagereward")  # doctest: +SKIP
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg = config or ImageRewardConfig(
+        vision=BlipVisionConfig(image_size=224, patch_size=32, width=32, layers=2, heads=2),
+        text=BlipTextConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=40),
+    )
+    gen = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        model = ImageRewardModel(cfg)
+    state = random_state(model, gen)
+    for key, shape in unused_release_shapes(cfg).items():
+        state[key] = 0.02 * torch.randn(shape, generator=gen)
+    state["blip.text_encoder.embeddings.position_ids"] = torch.arange(cfg.text.max_position_embeddings)[None]
+    torch.save(state, directory / WEIGHTS_FILE)
+    (directory / MED_CONFIG_FILE).write_text(json.dumps(cfg.med_config(), indent=2) + "\n", encoding="utf-8")
+    write_marker(directory, "random-imagereward", seed)
+    return directory
