@@ -474,6 +474,10 @@ def test_load_baseline_by_name(weights, bert_dir):
 
 
 def test_bf16_keeps_heads_in_float32(weights, bert_dir, images):
+    pick = PickScoreScorer.from_pretrained(weights["pickscore"], dtype="bf16")
+    assert pick.dtype == torch.bfloat16 and pick.model.logit_scale.dtype == torch.float32
+    aesthetic = AestheticScorer.from_pretrained(weights["aesthetic"], dtype="bf16")
+    assert aesthetic.dtype == torch.bfloat16 and aesthetic.head.layers[0].weight.dtype == torch.float32
     ir = ImageRewardScorer.from_pretrained(weights["imagereward"], tokenizer=bert_dir, dtype="bf16")
     assert ir.dtype == torch.bfloat16 and ir.model.mlp.layers[0].weight.dtype == torch.float32
     ref = ImageRewardScorer.from_pretrained(weights["imagereward"], tokenizer=bert_dir).score_images(images, PROMPTS)
@@ -613,3 +617,14 @@ def test_longest_pad_follows_open_clip(images):
     torch.testing.assert_close(padded[:, 152:], black.expand(3, 72, 224))
     with pytest.raises(ValueError, match=r"resize: expected one of shortest, longest_pad, got 'squash'"):
         PreprocessConfig(resize="squash")
+
+
+def test_clip_reads_its_preprocessor_config(weights, tmp_path):
+    directory = Path(shutil.copytree(weights["clip"], tmp_path / "clip"))
+    config = {"crop_size": {"height": 224, "width": 224}, "size": {"shortest_edge": 224}, "resample": 3,
+              "image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25], "do_center_crop": True}
+    (directory / "preprocessor_config.json").write_text(json.dumps(config), encoding="utf-8")
+    assert CLIPScorer.from_pretrained(directory).preprocess == PreprocessConfig(mean=(0.5,) * 3, std=(0.25,) * 3)
+    (directory / "preprocessor_config.json").write_text(json.dumps({**config, "resample": 2}), encoding="utf-8")
+    with pytest.raises(CheckpointError, match=r"preprocessing not supported by icthp: resample 2 \(only 3, bicubic\)"):
+        CLIPScorer.from_pretrained(directory)

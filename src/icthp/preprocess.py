@@ -68,7 +68,8 @@ class PreprocessConfig:
         if self.resize not in RESIZE_MODES:
             raise ValueError(f"resize: expected one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
         if self.crop_rounding not in CROP_ROUNDINGS:
-            raise ValueError(f"crop_rounding: expected one of {', '.join(CROP_ROUNDINGS)}, got {self.crop_rounding!r}")
+            raise ValueError(f"crop_rounding: expected one of {', '.join(CROP_ROUNDINGS)}, "
+                             f"got {self.crop_rounding!r}")
 
 
 def resize_shape(height: int, width: int, size: int) -> tuple[int, int]:
@@ -92,7 +93,7 @@ def crop_box(height: int, width: int, size: int, rounding: str = "floor") -> tup
         ((37, 0), (38, 0))
     """
     if rounding == "round":
-        return int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+        return round((height - size) / 2.0), round((width - size) / 2.0)  # Python: ties to even
     return (height - size) // 2, (width - size) // 2
 
 

@@ -91,6 +91,11 @@ class BaselineScorer(Scorer):
 
     ``score_all`` / ``score_images_all`` return :class:`BaselineScores`, whose components are the
     baseline's own (``icthp.Scores`` only holds the ICT-HP ones).
+
+    Example:
+        >>> hps = load_baseline("hpsv2.1")  # doctest: +SKIP
+        >>> hps.score_all(torch.rand(2, 3, 512, 512), "a cat").hpsv2_1  # doctest: +SKIP
+        tensor([0.2541, 0.2610], grad_fn=<SumBackward1>)
     """
 
     def __init__(self, preprocess: PreprocessConfig, networks: Mapping[str, nn.Module], info: CheckpointInfo,
@@ -150,6 +155,11 @@ class PromptCache:
 
     ``encode(prompts) -> [n, P]`` runs without gradient (rewards are for images, not prompts); the cached
     tensors are ordinary tensors, so a later differentiable ``score`` can use them.
+
+    Example:
+        >>> cache = PromptCache(lambda prompts: torch.ones(len(prompts), 4))
+        >>> cache(["a cat", "a cat"]).shape, len(cache)
+        (torch.Size([2, 4]), 1)
     """
 
     def __init__(self, encode: Callable[[list[str]], torch.Tensor], max_size: int = 10_000):
@@ -279,7 +289,13 @@ def expected_shapes(module: nn.Module) -> dict[str, torch.Size]:
 
 
 class CLIPVision(nn.Module):
-    """The image half of a transformers ``CLIPModel``: ``vision_model`` + ``visual_projection`` (same keys)."""
+    """The image half of a transformers ``CLIPModel``: ``vision_model`` + ``visual_projection`` (same keys).
+
+    Example:
+        >>> vision = CLIPVision(clip_config(architecture_dict("clip-tiny")))
+        >>> vision(torch.zeros(1, 3, 224, 224)).shape
+        torch.Size([1, 16])
+    """
 
     def __init__(self, cfg):
         super().__init__()
@@ -340,7 +356,9 @@ def load_clip(
             model: nn.Module = CLIPVision(cfg)
     else:
         model = build_clip(cfg)
-    _assign(model, state, resolve_dtype(dtype), torch.device(device), file_backed=weights.suffix == ".safetensors")
+    # logit_scale stays float32: in bfloat16, ln(100) rounds to 4.594 and PickScore's exp() to 98.9.
+    _assign(model, state, resolve_dtype(dtype), torch.device(device), fp32_prefixes=("logit_scale",),
+            file_backed=weights.suffix == ".safetensors")
     model.eval().requires_grad_(False)
     return model, config_to_dict(cfg), weights, file_dtype
 

@@ -53,7 +53,7 @@ class AestheticScorer(BaselineScorer):
         >>> aes = AestheticScorer.from_pretrained(device="cuda")  # doctest: +SKIP
         >>> aes.score(torch.rand(2, 3, 512, 512))  # doctest: +SKIP
         tensor([4.1302, 4.3719])
-        >>> AestheticScorer.from_pretrained("predictor/", clip="clip-vit-large-patch14/")  # offline  # doctest: +SKIP
+        >>> AestheticScorer.from_pretrained("aesthetic/", clip="clip-l14/")  # local copies  # doctest: +SKIP
     """
 
     name = "aesthetic"
@@ -96,8 +96,8 @@ class AestheticScorer(BaselineScorer):
         head_state = read_state_dict(mlp_file)
         with torch.device("meta"):
             head = HPHead(int(cfg["projection_dim"]))
-        check_keys(expected_shapes(head), head_state, f"aesthetic MLP {mlp_file}",
-                   f"Its input width must equal the CLIP projection dim ({cfg['projection_dim']}: ViT-L/14 gives 768).")
+        hint = f"Its input width must equal the CLIP projection dim ({cfg['projection_dim']}: ViT-L/14 gives 768)."
+        check_keys(expected_shapes(head), head_state, f"aesthetic MLP {mlp_file}", hint)
         head.load_state_dict({k: v.float().to(device) for k, v in head_state.items()}, assign=True)
         head.eval().requires_grad_(False)
         info = CheckpointInfo("aesthetic", str(source), str(mlp_file.parent), "released", cfg,

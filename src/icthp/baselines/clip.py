@@ -54,6 +54,10 @@ class CLIPCosineScorer(BaselineScorer):
 
     The base of :class:`CLIPScorer`, :class:`PickScoreScorer` and the HPSv2 scorer, which differ in where
     the weights come from and in what they make of the cosine.
+
+    Example:
+        >>> clip = CLIPScorer.from_pretrained("clip-h/")  # doctest: +SKIP
+        >>> clip.cosine(inputs, ["a cat"] * len(inputs))  # preprocessed inputs [B, 3, 224, 224]  # doctest: +SKIP
     """
 
     def __init__(self, model: nn.Module, info: CheckpointInfo, preprocess: PreprocessConfig, tokenizer=None,

@@ -119,9 +119,10 @@ _BLOCK = {
 
 def _block_prefixes(cfg) -> list[tuple[str, str]]:
     v, t = cfg.vision_config, cfg.text_config
-    return ([(f"visual.transformer.resblocks.{i}.", f"vision_model.encoder.layers.{i}.")
-             for i in range(v.num_hidden_layers)]
-            + [(f"transformer.resblocks.{i}.", f"text_model.encoder.layers.{i}.") for i in range(t.num_hidden_layers)])
+    vision = [(f"visual.transformer.resblocks.{i}.", f"vision_model.encoder.layers.{i}.")
+              for i in range(v.num_hidden_layers)]
+    text = [(f"transformer.resblocks.{i}.", f"text_model.encoder.layers.{i}.") for i in range(t.num_hidden_layers)]
+    return vision + text
 
 
 def open_clip_to_transformers(state: dict[str, torch.Tensor], cfg, where: str = "open_clip state dict",
@@ -132,18 +133,20 @@ def open_clip_to_transformers(state: dict[str, torch.Tensor], cfg, where: str = 
         CheckpointError: a key is missing, unknown or of the wrong shape (named in open_clip terms).
 
     Example:
-        >>> hf_state = open_clip_to_transformers(torch.load("HPS_v2.1_compressed.pt")["state_dict"], cfg)  # doctest: +SKIP
+        >>> state = torch.load("HPS_v2.1_compressed.pt", weights_only=True)["state_dict"]  # doctest: +SKIP
+        >>> hf_state = open_clip_to_transformers(state, cfg)  # doctest: +SKIP
     """
     check_keys(open_clip_shapes(cfg), state, where, hint)
     out = {_DIRECT[k]: state[k] for k in _DIRECT}
-    out.update({hf: state[oc].t() for oc, hf in _TRANSPOSED.items()})
+    out.update({hf: state[oc].t().contiguous() for oc, hf in _TRANSPOSED.items()})
     for oc, hf in _block_prefixes(cfg):
         for a, b in _BLOCK.items():
             for p in ("weight", "bias"):
                 out[f"{hf}{b}.{p}"] = state[f"{oc}{a}.{p}"]
         for p, fused in (("weight", state[f"{oc}attn.in_proj_weight"]), ("bias", state[f"{oc}attn.in_proj_bias"])):
-            q, k, v = fused.chunk(3, dim=0)  # open_clip stacks [q; k; v] along the output dimension
-            out[f"{hf}self_attn.q_proj.{p}"], out[f"{hf}self_attn.k_proj.{p}"], out[f"{hf}self_attn.v_proj.{p}"] = q, k, v
+            # open_clip stacks [q; k; v] along the output dimension
+            for name, part in zip("qkv", fused.chunk(3, dim=0), strict=True):
+                out[f"{hf}self_attn.{name}_proj.{p}"] = part
     return out
 
 
@@ -221,7 +224,7 @@ class HPSv2Scorer(CLIPCosineScorer):
         del state
         model = build_clip(cfg)
         check_keys(expected_shapes(model), hf_state, "converted HPS state dict")  # the mapping is complete
-        _assign(model, hf_state, resolve_dtype(dtype), torch.device(device))
+        _assign(model, hf_state, resolve_dtype(dtype), torch.device(device), fp32_prefixes=("logit_scale",))
         model.eval().requires_grad_(False)
         info = CheckpointInfo(f"hpsv2{'' if version == 'v2.0' else '.1'}", str(source), str(weights.parent),
                               "released", config_to_dict(cfg), file_dtype, is_untrained(weights.parent),
@@ -232,7 +235,7 @@ class HPSv2Scorer(CLIPCosineScorer):
         return {self.main_component: self.cosine(inputs, prompts)}
 
 
-def write_random_hpsv2(directory: str | os.PathLike, *, version: str = "v2.1", architecture: str = "clip-tiny",
+def write_random_hpsv2(directory: str | os.PathLike, *, version: str = "v2.0", architecture: str = "clip-tiny",
                        seed: int = 2) -> Path:
     """Write UNTRAINED random weights as the HPS release stores them: an open_clip state dict under
     ``"state_dict"`` in ``HPS_v2_compressed.pt`` / ``HPS_v2.1_compressed.pt``, plus the architecture as

@@ -69,7 +69,12 @@ _TOKENIZER_FILES = ["vocab.txt", "tokenizer_config.json", "special_tokens_map.js
 
 @dataclass(frozen=True)
 class BlipVisionConfig:
-    """BLIP's ViT image encoder; the defaults are ImageReward's (``vit="large"``, 224 px)."""
+    """BLIP's ViT image encoder; the defaults are ImageReward's (``vit="large"``, 224 px).
+
+    Example:
+        >>> BlipVisionConfig().width, BlipVisionConfig().layers
+        (1024, 24)
+    """
 
     image_size: int = 224
     patch_size: int = 16
@@ -82,7 +87,12 @@ class BlipVisionConfig:
 
 @dataclass(frozen=True)
 class BlipTextConfig:
-    """BLIP's BERT text encoder (the fields of ``med_config.json`` it uses; defaults as released)."""
+    """BLIP's BERT text encoder (the fields of ``med_config.json`` it uses; defaults as released).
+
+    Example:
+        >>> BlipTextConfig().vocab_size
+        30524
+    """
 
     vocab_size: int = 30524  # bert-base-uncased's 30522 + BLIP's [DEC] and [ENC]
     hidden_size: int = 768
@@ -192,7 +202,13 @@ class _VitBlock(nn.Module):
 
 
 class BlipVisionTransformer(nn.Module):
-    """BLIP's ViT: ``[B, 3, S, S]`` normalised pixels -> every token after the final norm ``[B, 1 + N, D]``."""
+    """BLIP's ViT: ``[B, 3, S, S]`` normalised pixels -> every token after the final norm ``[B, 1 + N, D]``.
+
+    Example:
+        >>> vit = BlipVisionTransformer(BlipVisionConfig(image_size=64, patch_size=32, width=32, layers=1, heads=2))
+        >>> vit(torch.zeros(2, 3, 64, 64)).shape
+        torch.Size([2, 5, 32])
+    """
 
     def __init__(self, cfg: BlipVisionConfig):
         super().__init__()
@@ -297,6 +313,13 @@ class BlipTextEncoder(nn.Module):
     """BLIP's BERT in its multimodal mode: prompt tokens attend to themselves, then to the image tokens.
 
     ``forward(input_ids [B, L], attention_mask [B, L], image_embeds [B, N, D_img]) -> [B, L, H]``.
+
+    Example:
+        >>> cfg = BlipTextConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        ...                      intermediate_size=64, max_position_embeddings=40)
+        >>> encoder = BlipTextEncoder(cfg, image_width=24)
+        >>> encoder(torch.ones(2, 7, dtype=torch.long), torch.ones(2, 7), torch.zeros(2, 5, 24)).shape
+        torch.Size([2, 7, 32])
     """
 
     def __init__(self, cfg: BlipTextConfig, image_width: int):
@@ -304,7 +327,8 @@ class BlipTextEncoder(nn.Module):
         self.embeddings = _BertEmbeddings(cfg)
         self.encoder = _BertEncoder(cfg, image_width)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                image_embeds: torch.Tensor) -> torch.Tensor:
         hidden = self.embeddings(input_ids)
         # BERT's additive mask: 0 for prompt tokens, -10000 for padding (as the release, not -inf).
         mask = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * -10000.0
@@ -326,7 +350,10 @@ class ImageRewardModel(nn.Module):
     State-dict keys are the release's (``blip.visual_encoder.*``, ``blip.text_encoder.*``, ``mlp.layers.*``).
 
     Example:
-        >>> cfg = ImageRewardConfig(vision=BlipVisionConfig(64, 32, 32, 1, 2), text=BlipTextConfig(50, 32, 1, 2, 64, 40))
+        >>> vision = BlipVisionConfig(image_size=64, patch_size=32, width=32, layers=1, heads=2)
+        >>> text = BlipTextConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        ...                       intermediate_size=64, max_position_embeddings=40)
+        >>> cfg = ImageRewardConfig(vision=vision, text=text)
         >>> model = ImageRewardModel(cfg).eval()
         >>> model(torch.zeros(2, 3, 64, 64), torch.ones(2, 5, dtype=torch.long), torch.ones(2, 5)).shape
         torch.Size([2])
@@ -339,7 +366,8 @@ class ImageRewardModel(nn.Module):
         # The same MLP as HP's head (the ICT-HP authors took it from ImageReward); kept in float32.
         self.mlp = HPHead(cfg.text.hidden_size)
 
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor) -> torch.Tensor:
         image = self.blip.visual_encoder(pixel_values)
         hidden = self.blip.text_encoder(input_ids, attention_mask, image)
         first = hidden[:, 0].to(self.mlp.layers[0].weight.dtype)
@@ -384,7 +412,7 @@ def load_bert_tokenizer(source: str | os.PathLike | None = None, checkpoint_dir:
                 "vocab.txt beside ImageReward.pt."
             ) from None
         if not (directory / "vocab.txt").is_file():
-            raise CheckpointError(f"no vocab.txt in {directory}: ImageReward needs the bert-base-uncased vocabulary")
+            raise CheckpointError(f"no vocab.txt in {directory}: ImageReward needs bert-base-uncased's vocabulary")
     tokenizer = BertTokenizer.from_pretrained(str(directory), do_lower_case=True)
     # As BLIP's init_tokenizer: these two tokens take ids 30522 and 30523 of the 30524-token embedding.
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})
@@ -401,7 +429,7 @@ def _locate(source: str | os.PathLike, revision: str | None) -> Path:
         return path
     directory = resolve_directory(source, "ImageReward", [[WEIGHTS_FILE, MED_CONFIG_FILE]], revision)
     if not (directory / WEIGHTS_FILE).is_file():
-        raise CheckpointError(f"no ImageReward weights in {directory}: expected {WEIGHTS_FILE} (and {MED_CONFIG_FILE})")
+        raise CheckpointError(f"no ImageReward weights in {directory}: expected {WEIGHTS_FILE} + {MED_CONFIG_FILE}")
     return directory / WEIGHTS_FILE
 
 
@@ -422,9 +450,11 @@ def load_imagereward(
     weights = _locate(source, revision)
     med_file = weights.parent / MED_CONFIG_FILE
     if med_file.is_file():
-        cfg, hint = ImageRewardConfig.from_med_config(read_json(med_file)), f"The {MED_CONFIG_FILE} beside the weights does not describe them."
+        cfg = ImageRewardConfig.from_med_config(read_json(med_file))
+        hint = f"The {MED_CONFIG_FILE} beside the weights does not describe them."
     else:
-        cfg, hint = ImageRewardConfig(), f"No {MED_CONFIG_FILE} beside the weights: the released architecture was assumed."
+        cfg = ImageRewardConfig()
+        hint = f"No {MED_CONFIG_FILE} beside the weights: the released architecture was assumed."
         logger.info("no %s beside %s: assuming the released ImageReward architecture", MED_CONFIG_FILE, weights)
     state = read_state_dict(weights)
     with torch.device("meta"):
@@ -437,8 +467,8 @@ def load_imagereward(
         del state[key]
     _assign(model, state, resolve_dtype(dtype), torch.device(device), fp32_prefixes=("mlp.",))
     model.eval().requires_grad_(False)
-    info = CheckpointInfo("imagereward", str(source), str(weights.parent), "released",
-                          {"med_config": cfg.med_config()}, file_dtype, is_untrained(weights.parent), [str(weights)])
+    info = CheckpointInfo("imagereward", str(source), str(weights.parent), "released", {"med_config": cfg.med_config()},
+                          file_dtype, is_untrained(weights.parent), [str(weights)])
     return model, info
 
 
