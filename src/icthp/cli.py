@@ -1,4 +1,4 @@
-"""Command line: ``icthp score | convert | models | preset | train | serve | data``. A thin shell over the library.
+"""Command line: ``icthp score | bench | convert | models | preset | train | serve | data``. A thin shell over the library.
 
 Heavy imports (torch, transformers) happen inside commands so ``icthp --help`` stays fast.
 """
@@ -336,6 +336,113 @@ def train(
     cfg = load_config(config, list(overrides or []), **extra)
     export = run_train(cfg, resume=resume)
     out.print(f"exported {export}")
+    return 0
+
+
+class ScoreTies(str, Enum):
+    error = "error"
+    half = "half"
+
+
+class LabelTies(str, Enum):
+    drop = "drop"
+    half = "half"
+    error = "error"
+
+
+class Aggregate(str, Enum):
+    pooled = "pooled"
+    per_prompt = "per_prompt"
+
+
+class DataKind(str, Enum):
+    auto = "auto"
+    triplet = "triplet"
+    pair = "pair"
+
+
+@app.command()
+def bench(
+    data: Annotated[Path, typer.Argument(help="Triplet data (released Pick-High root or manifest) or a pair manifest.")],
+    model: Annotated[list[str] | None, typer.Option("--model", "-m", help="Scorer to evaluate, repeatable: ict-hp, ict, hp (default: all three).")] = None,
+    ict: Annotated[str | None, typer.Option(help="ICT weights: hub id (default 8y/ICT), directory, or 'tiny-random'.")] = None,
+    hp: Annotated[str | None, typer.Option(help="HP weights: hub id (default 8y/HP), directory, or 'tiny-random'.")] = None,
+    output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Where results.json, items.jsonl, results.md and report.html go.")] = Path("bench-results"),
+    kind: Annotated[DataKind, typer.Option(help="Dataset kind (auto: from its columns).")] = DataKind.auto,
+    split: Annotated[str | None, typer.Option(help="Split of a released-layout dataset (e.g. test).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N rows.")] = None,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Read the released Pick-High .pkl files (pickles run code: trusted files only).")] = False,
+    score_ties: Annotated[ScoreTies, typer.Option(help="A scorer's exact tie on a strict preference: error (the paper) or half.")] = ScoreTies.error,
+    label_ties: Annotated[LabelTies, typer.Option(help="Pairs people judged a tie: drop, half or error.")] = LabelTies.drop,
+    aggregate: Annotated[Aggregate, typer.Option(help="pooled over items, or per_prompt (mean of per-prompt accuracies).")] = Aggregate.pooled,
+    published: Annotated[bool, typer.Option(help="Add the paper's Pick-High test numbers to the report for reference.")] = False,
+    cache_dir: Annotated[Path | None, typer.Option(help="Embedding cache (default $ICTHP_CACHE/bench).")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ... or auto.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto (bf16 on CUDA).")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per forward.")] = 32,
+    html: Annotated[bool, typer.Option(help="Write report.html (self-contained).")] = True,
+) -> int:
+    """Preference accuracy of reward models on triplet data (the paper's I2>I1, I3>I2, I3>I1, Mean) or pairs.
+
+    Example: icthp bench Pick-High-Dataset --split test --allow-pickle -m ict-hp -m ict -m hp -o results/pick-high
+    """
+    _setup_logging(False)
+    import os
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .bench.evaluate import run_bench, write_bench
+    from .scoring import load
+
+    names = list(dict.fromkeys(model or ["ict-hp", "ict", "hp"]))
+    unknown = [n for n in names if n not in ("ict-hp", "ict", "hp")]
+    if unknown:
+        raise typer.BadParameter(f"unknown model(s) {unknown}; expected ict-hp, ict or hp", param_hint="--model")
+    dev = _device(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dev.startswith("cuda"):
+        from accelerate import PartialState
+
+        dev = str(PartialState().device)  # one GPU per process under accelerate launch / torchrun
+    dt = _dtype(dtype, dev)
+    scorers, descriptions = {}, {}
+    for name in names:
+        scorer = load(name, ict=ict if name != "hp" else None, hp=hp if name != "ict" else None, device=dev, dtype=dt)
+        infos = [i for i in (getattr(scorer, "info", None), getattr(getattr(scorer, "ict", None), "info", None),
+                             getattr(getattr(scorer, "hp", None), "info", None)) if i is not None]
+        scorers[name] = scorer
+        descriptions[name] = {"source": " + ".join(i.source for i in infos),
+                              "untrained": any(i.untrained for i in infos),
+                              "description": "; ".join(i.describe() for i in infos)}
+        if descriptions[name]["untrained"]:
+            err.print(f"[bold red]{name}: UNTRAINED random weights: accuracies are meaningless[/]")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=err, transient=True) as bar:
+
+        def progress(label, total):
+            task = bar.add_task(label, total=total)
+            return lambda n: bar.advance(task, n)
+
+        res = run_bench(data, scorers, kind=kind.value, split=split, limit=limit, allow_pickle=allow_pickle,
+                        score_ties=score_ties.value, label_ties=label_ties.value, aggregate=aggregate.value,
+                        cache_dir=cache_dir, batch_size=batch_size, published=published, descriptions=descriptions,
+                        progress=progress)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    paths = write_bench(res, output_dir, html=html)
+    table = Table(title=f"icthp bench: {res.result['dataset']['rows']} {res.result['kind']}s")
+    cols = ["mean", "I2>I1", "I3>I2", "I3>I1"] if res.result["kind"] == "triplet" else ["accuracy", "n"]
+    table.add_column("model")
+    for c in cols:
+        table.add_column(c, justify="right")
+    table.add_column("cache (computed / cached)", justify="right")
+    for name in scorers:
+        acc, st = res.result["accuracy"][name], res.stats[name]
+        table.add_row(name, *[f"{acc[c]:.2f}" if isinstance(acc[c], float) else str(acc[c]) for c in cols],
+                      f"{st['computed']} / {st['cached']}")
+    out.print(table)
+    out.print(res.result["protocol"]["description"], highlight=False)
+    for label, path in paths.items():
+        out.print(f"{label}: {path}", highlight=False)
     return 0
 
 

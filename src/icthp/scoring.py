@@ -355,6 +355,20 @@ class Scorer:
             module.compile(**kwargs)
         return self
 
+    # -- split scoring: per-image state (cacheable, prompt-free) + the prompt-dependent rest
+    #: True when :meth:`image_state` / :meth:`scores_from_state` are implemented (``icthp bench`` then
+    #: caches the image state once per image instead of scores per image and prompt).
+    has_image_state: bool = False
+
+    def image_state(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Prompt-independent per-image quantities ``{name: Tensor[B, ...]}`` (fp32) of preprocessed inputs,
+        from which :meth:`scores_from_state` gives the same components as :meth:`components`."""
+        raise NotImplementedError(f"{type(self).__name__} has no prompt-independent image state")
+
+    def scores_from_state(self, state: dict[str, torch.Tensor], prompts: list[str] | None) -> dict[str, torch.Tensor]:
+        """Score components ``{name: Tensor[B]}`` from :meth:`image_state` rows and their prompts."""
+        raise NotImplementedError(f"{type(self).__name__} has no prompt-independent image state")
+
     # -- implemented by subclasses
     def _components(self, inputs: torch.Tensor, prompts: list[str] | None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -469,8 +483,16 @@ class ICTScorer(_CheckpointScorer):
         return F.normalize(vision_features(self.model, inputs).float(), dim=-1)
 
     def _components(self, inputs, prompts):
+        return self.scores_from_state(self.image_state(inputs), prompts)
+
+    has_image_state = True
+
+    def image_state(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"ict_image": self.image_embeddings(inputs)}
+
+    def scores_from_state(self, state, prompts):
         text = self.text_embeddings(prompts)
-        return {"ict": (self.image_embeddings(inputs) * text).sum(-1)}
+        return {"ict": (state["ict_image"].to(text.device) * text).sum(-1)}
 
 
 class HPScorer(_CheckpointScorer):
@@ -496,7 +518,15 @@ class HPScorer(_CheckpointScorer):
         return self.logits(preprocess_tensor(check_pixels(pixels).to(self.device), self.preprocess))
 
     def _components(self, inputs, prompts):
-        logit = self.logits(inputs)
+        return self.scores_from_state(self.image_state(inputs), prompts)
+
+    has_image_state = True
+
+    def image_state(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"hp_logit": self.logits(inputs)}
+
+    def scores_from_state(self, state, prompts):
+        logit = state["hp_logit"]
         return {"hp": torch.sigmoid(logit), "hp_logit": logit}
 
 
@@ -540,7 +570,15 @@ class ICTHPScorer(Scorer):
         return self
 
     def _components(self, inputs, prompts):
-        out = {**self.ict._components(inputs, prompts), **self.hp._components(inputs, None)}
+        return self.scores_from_state(self.image_state(inputs), prompts)
+
+    has_image_state = True
+
+    def image_state(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {**self.ict.image_state(inputs), **self.hp.image_state(inputs)}
+
+    def scores_from_state(self, state, prompts):
+        out = {**self.ict.scores_from_state(state, prompts), **self.hp.scores_from_state(state, None)}
         out["ict_hp"] = out["ict"] * out["hp"]
         return out
 
