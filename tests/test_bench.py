@@ -268,3 +268,41 @@ def test_cli_bench_end_to_end(demo_dir, tmp_path):
     for name, acc in result["accuracy"].items():
         assert not math.isnan(acc["mean"]), name
     assert main(["bench", str(demo_dir / "triplets.jsonl"), "-m", "pickscore-xl", "--ict", "tiny-random"]) == 2
+
+
+def test_baselines_in_bench_equal_in_process_scores_and_are_cached(generated, tmp_path, monkeypatch):
+    """Baselines without an image state cache scores per (image, prompt); image-only ones per image."""
+    import icthp
+    from icthp.baselines import write_random_aesthetic, write_random_pickscore
+
+    _, paths, _ = generated
+    rows = [{"prompt": f"p{i % 2}", "lose": paths[i], "win": paths[i + 1], "high": paths[i + 2]} for i in range(0, 9, 3)]
+    manifest = _write_jsonl(tmp_path / "t.jsonl", rows)
+    pick = icthp.load("pickscore", weights=str(write_random_pickscore(tmp_path / "pick")))
+    aesthetic = icthp.load("aesthetic", weights=str(write_random_aesthetic(tmp_path / "aes")))
+    scorers = {"pickscore": pick, "aesthetic": aesthetic}
+    calls = {name: 0 for name in scorers}
+    for name, scorer in scorers.items():
+        real = scorer.components
+
+        def counted(inputs, prompts, _real=real, _name=name):
+            calls[_name] += inputs.shape[0]
+            return _real(inputs, prompts)
+
+        monkeypatch.setattr(scorer, "components", counted)
+    res = run_bench(manifest, scorers, cache_dir=tmp_path / "cache")
+    for name, scorer in scorers.items():
+        direct = []
+        for r in rows:
+            s = scorer.score_images([r["lose"], r["win"], r["high"]], r["prompt"])
+            direct.append(s)
+        direct = torch.stack(direct)
+        got = torch.tensor([item["scores"][name] for item in res.items])
+        assert torch.allclose(got, direct, atol=1e-5), name
+        assert res.result["accuracy"][name] == {**triplet_accuracy(got), "n": 3}
+    first = dict(calls)
+    again = run_bench(manifest, scorers, cache_dir=tmp_path / "cache")
+    assert again.stats["pickscore"]["computed"] == 0 and again.stats["aesthetic"]["computed"] == 0
+    # the re-run scored nothing through the models (score_images above ran them directly, outside the bench)
+    assert calls == {name: first[name] for name in scorers}
+    assert again.result["accuracy"] == res.result["accuracy"]

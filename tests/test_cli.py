@@ -210,7 +210,14 @@ def test_convert_round_trip_and_score_with_converted(tmp_path, demo_dir, scorer)
 def test_models_and_preset(tmp_path, capsys):
     assert main(["models", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
-    assert [m["name"] for m in listed] == ["ict", "hp", "ict-hp"]
+    assert [m["name"] for m in listed] == ["ict", "hp", "ict-hp", "clip", "pickscore", "hpsv2", "hpsv2.1",
+                                           "imagereward", "aesthetic"]
+    for m in listed:  # every model says where its weights are, what its score means and its licence
+        assert (m["weights"] or m["ict_source"] or m["hp_source"]) and m["score_range"] and m["meaning"]
+        assert m["licence"] and m["family"] in ("icthp", "baseline")
+    from icthp.baselines import BASELINES
+
+    assert set(BASELINES) == {m["name"] for m in listed if m["family"] == "baseline"}
     assert main(["preset", "tiny-random", "--output", str(tmp_path / "t")]) == 0
     assert (tmp_path / "t" / "hp" / "hp_backbone" / "pytorch_model.bin").is_file()
     assert main(["preset", "nope", "--output", str(tmp_path / "u")]) == 2

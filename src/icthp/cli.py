@@ -272,14 +272,15 @@ def models(json_output: Annotated[bool, typer.Option("--json", help="Print JSON.
         out.print_json(json.dumps([s.to_dict() for s in specs]))
         return 0
     table = Table(title="icthp models")
-    for col in ("name", "weights", "prompt", "score range", "meaning"):
+    for col in ("name", "weights", "prompt", "score range", "meaning", "licence"):
         table.add_column(col, overflow="fold")
     for s in specs:
-        weights = ", ".join(x for x in (s.ict_source, s.hp_source) if x)
-        table.add_row(s.name, weights, "yes" if s.needs_prompt else "no", s.score_range, s.meaning)
+        weights = ", ".join(x for x in (s.ict_source, s.hp_source, s.weights) if x)
+        table.add_row(s.name, weights, "yes" if s.needs_prompt else "no", s.score_range, s.meaning, s.licence)
     out.print(table)
     out.print(f"Any --ict/--hp also takes a local directory, another hub id, or '{TINY_RANDOM}' "
-              "(untrained random weights for offline tests and demos).")
+              "(untrained random weights for offline tests and demos). Baselines: docs/baselines.md; "
+              "`icthp bench -m pickscore=DIR` gives a baseline's weights.")
     return 0
 
 
@@ -364,7 +365,7 @@ class DataKind(str, Enum):
 @app.command()
 def bench(
     data: Annotated[Path, typer.Argument(help="Triplet data (released Pick-High root or manifest) or a pair manifest.")],
-    model: Annotated[list[str] | None, typer.Option("--model", "-m", help="Scorer to evaluate, repeatable: ict-hp, ict, hp (default: all three).")] = None,
+    model: Annotated[list[str] | None, typer.Option("--model", "-m", help="Scorer to evaluate, repeatable: ict-hp, ict, hp (default: these three), or a baseline (clip, pickscore, hpsv2, hpsv2.1, imagereward, aesthetic), optionally with its weights: pickscore=DIR.")] = None,
     ict: Annotated[str | None, typer.Option(help="ICT weights: hub id (default 8y/ICT), directory, or 'tiny-random'.")] = None,
     hp: Annotated[str | None, typer.Option(help="HP weights: hub id (default 8y/HP), directory, or 'tiny-random'.")] = None,
     output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Where results.json, items.jsonl, results.md and report.html go.")] = Path("bench-results"),
@@ -392,12 +393,19 @@ def bench(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from .bench.evaluate import run_bench, write_bench
+    from .registry import MODELS
     from .scoring import load
 
-    names = list(dict.fromkeys(model or ["ict-hp", "ict", "hp"]))
-    unknown = [n for n in names if n not in ("ict-hp", "ict", "hp")]
-    if unknown:
-        raise typer.BadParameter(f"unknown model(s) {unknown}; expected ict-hp, ict or hp", param_hint="--model")
+    specs = {}
+    for spec in model or ["ict-hp", "ict", "hp"]:
+        name, _, source = spec.partition("=")
+        if name not in MODELS:
+            raise typer.BadParameter(f"unknown model {name!r}; expected one of {', '.join(MODELS)} "
+                                     "(a baseline may carry its weights: pickscore=DIR)", param_hint="--model")
+        if source and MODELS[name].family != "baseline":
+            raise typer.BadParameter(f"{spec!r}: give ICT/HP weights with --ict / --hp", param_hint="--model")
+        specs[name] = source or None
+    names = list(specs)
     dev = _device(device)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dev.startswith("cuda"):
         from accelerate import PartialState
@@ -406,7 +414,11 @@ def bench(
     dt = _dtype(dtype, dev)
     scorers, descriptions = {}, {}
     for name in names:
-        scorer = load(name, ict=ict if name != "hp" else None, hp=hp if name != "ict" else None, device=dev, dtype=dt)
+        if MODELS[name].family == "baseline":
+            scorer = load(name, weights=specs[name], device=dev, dtype=dt)
+        else:
+            scorer = load(name, ict=ict if name != "hp" else None, hp=hp if name != "ict" else None, device=dev,
+                          dtype=dt)
         infos = [i for i in (getattr(scorer, "info", None), getattr(getattr(scorer, "ict", None), "info", None),
                              getattr(getattr(scorer, "hp", None), "info", None)) if i is not None]
         scorers[name] = scorer

@@ -17,14 +17,16 @@ class ModelSpec:
     """A named reward model.
 
     Attributes:
-        name: registry name (``ict``, ``hp``, ``ict-hp``).
-        components: which networks it needs (``("ict",)``, ``("hp",)`` or both).
+        name: registry name (``ict``, ``hp``, ``ict-hp``, or a baseline such as ``pickscore``).
+        components: which ICT/HP networks it needs (``("ict",)``, ``("hp",)`` or both; empty for baselines).
         ict_source, hp_source: default weights (hub id) of each component.
         needs_prompt: whether scores depend on the prompt.
         score_range: documented range of the main score.
         meaning: what a higher score means.
         source: paper / release.
         licence: licence of the released code and weights, as stated by the authors.
+        family: ``icthp`` (the paper's models) or ``baseline`` (:mod:`icthp.baselines`).
+        weights: a baseline's default weights (hub id); ICT/HP use ``ict_source`` / ``hp_source``.
     """
 
     name: str
@@ -36,6 +38,8 @@ class ModelSpec:
     meaning: str
     source: str
     licence: str
+    family: str = "icthp"
+    weights: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,6 +88,46 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
+def _baseline(name: str, weights: str, needs_prompt: bool, score_range: str, meaning: str, source: str,
+              licence: str) -> ModelSpec:
+    return ModelSpec(name=name, components=(), ict_source=None, hp_source=None, needs_prompt=needs_prompt,
+                     score_range=score_range, meaning=meaning, source=source, licence=licence, family="baseline",
+                     weights=weights)
+
+
+# Baselines (docs/baselines.md has how each is computed and loaded offline).
+MODELS.update({
+    spec.name: spec
+    for spec in (
+        _baseline("clip", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", True,
+                  "cosine in [-1, 1], about 0.2..0.4 for matching pairs",
+                  "text-image alignment (CLIPScore); does not judge quality",
+                  "Hessel et al., EMNLP 2021 (CLIPScore); laion OpenCLIP ViT-H/14",
+                  "MIT (laion model card)"),
+        _baseline("pickscore", "yuvalkirstain/PickScore_v1", True,
+                  "logit_scale.exp() * cosine, about 18..24",
+                  "human preference on Pick-a-Pic (compare images of one prompt)",
+                  "Kirstain et al., NeurIPS 2023 (github yuvalkirstain/PickScore)",
+                  "MIT (code); see the model card for the weights"),
+        _baseline("hpsv2", "xswu/HPSv2", True, "cosine, about 0.2..0.35",
+                  "human preference on HPD v2 (compare images of one prompt)",
+                  "Wu et al., 2023, Human Preference Score v2 (github tgxs002/HPSv2)", "Apache-2.0"),
+        _baseline("hpsv2.1", "xswu/HPSv2", True, "cosine, about 0.2..0.35 (not comparable with v2.0)",
+                  "human preference, HPSv2.1 weights trained on higher-quality data",
+                  "Wu et al., 2023, Human Preference Score v2 (github tgxs002/HPSv2)", "Apache-2.0"),
+        _baseline("imagereward", "THUDM/ImageReward", True,
+                  "standardised reward (mean 0, std 1 on its training data), about -2..2",
+                  "human preference on ImageRewardDB (BLIP image-text model)",
+                  "Xu et al., NeurIPS 2023 (github THUDM/ImageReward)", "Apache-2.0"),
+        _baseline("aesthetic", "trl-lib/ddpo-aesthetic-predictor", False,
+                  "predicted mean rating on a 1..10 scale, most photographs 4..7",
+                  "aesthetic quality from the image alone (LAION aesthetic predictor v2, CLIP ViT-L/14)",
+                  "C. Schuhmann, github christophschuhmann/improved-aesthetic-predictor",
+                  "Apache-2.0 (predictor); MIT (OpenAI CLIP)"),
+    )
+})
+
+
 def get_spec(name: str) -> ModelSpec:
     """Return the :class:`ModelSpec` of a registered model.
 
@@ -104,7 +148,7 @@ def list_models() -> list[ModelSpec]:
     """All registered models.
 
     Example:
-        >>> [m.name for m in list_models()]
+        >>> [m.name for m in list_models()][:3]
         ['ict', 'hp', 'ict-hp']
     """
     return list(MODELS.values())

@@ -613,6 +613,7 @@ def load(
     *,
     ict: str | os.PathLike | None = None,
     hp: str | os.PathLike | None = None,
+    weights: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
     revision: str | None = None,
@@ -620,7 +621,9 @@ def load(
     """Load a registered reward model.
 
     Args:
-        name: ``"ict"``, ``"hp"`` or ``"ict-hp"`` (see :func:`icthp.list_models`).
+        name: ``"ict"``, ``"hp"``, ``"ict-hp"``, or a baseline: ``clip``, ``pickscore``, ``hpsv2``,
+            ``hpsv2.1``, ``imagereward``, ``aesthetic`` (see :func:`icthp.list_models`).
+        weights: a baseline's weights (hub id or local directory); default: its released weights.
         ict, hp: where the component weights are: hub id (default ``8y/ICT`` / ``8y/HP``), local directory
             (released or icthp layout), or ``"tiny-random"`` (untrained preset, for tests and demos).
         device: e.g. ``"cuda"``, ``"cpu"``.
@@ -635,6 +638,14 @@ def load(
 
     spec = get_spec(name)
     dtype = resolve_dtype(dtype)
+    if spec.family == "baseline":
+        if ict is not None or hp is not None:
+            raise ValueError(f"model {name!r} is a baseline: give its weights as weights=..., not ict/hp")
+        from .baselines import load_baseline
+
+        return load_baseline(name, weights, device=device, dtype=dtype, revision=revision)
+    if weights is not None:
+        raise ValueError(f"model {name!r}: weights=... is for baselines; give ICT/HP weights as ict=... / hp=...")
     if spec.components == ("ict",):
         if hp is not None:
             raise ValueError(f"model {name!r} has no HP component, but hp={hp!r} was given")
