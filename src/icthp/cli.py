@@ -1,4 +1,4 @@
-"""Command line: ``icthp score | bench | convert | models | preset | train | serve | data``. A thin shell over the library.
+"""Command line: ``icthp score | bench | metrics | convert | models | preset | train | serve | data``. A thin shell over the library.
 
 Heavy imports (torch, transformers) happen inside commands so ``icthp --help`` stays fast.
 """
@@ -456,6 +456,51 @@ def bench(
     for label, path in paths.items():
         out.print(f"{label}: {path}", highlight=False)
     return 0
+
+
+@app.command()
+def metrics(
+    inputs: Annotated[list[str], typer.Argument(help="Image files, folders, or manifests with an image column.")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Per-image table: .csv, .jsonl or .parquet.")] = None,
+    quality: Annotated[int, typer.Option(help="JPEG quality for the JPEG size (DDPO's compressibility uses 95).")] = 95,
+    aesthetic: Annotated[bool, typer.Option(help="Also compute the LAION aesthetic score (CLIP ViT-L/14 + MLP).")] = True,
+    aesthetic_weights: Annotated[str | None, typer.Option(help="Aesthetic predictor weights (hub id or directory; default trl-lib/ddpo-aesthetic-predictor).")] = None,
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Look into sub-folders.")] = False,
+    device: Annotated[str, typer.Option(help="cpu, cuda, ... or auto.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per forward of the aesthetic model.")] = 32,
+) -> int:
+    """Image-quality metrics of generated images: JPEG size (kB at --quality) and the LAION aesthetic score.
+
+    Example: icthp metrics samples/ --output metrics.csv
+    """
+    _setup_logging(False)
+    from .bench.quality import image_metrics, summarise
+    from .files import discover, write_table
+
+    images = list(dict.fromkeys(item.image for item in discover(inputs, recursive=recursive)))
+    scorer = None
+    if aesthetic:
+        from .scoring import load
+
+        dev = _device(device)
+        scorer = load("aesthetic", weights=aesthetic_weights, device=dev, dtype=_dtype("auto", dev))
+    rows = image_metrics(images, quality=quality, aesthetic=scorer, batch_size=batch_size)
+    summary = summarise(rows)
+    table = Table(title=f"icthp metrics: {len(rows)} images (JPEG quality {quality})")
+    for col in ("metric", "n", "mean", "std", "median", "min", "max"):
+        table.add_column(col, justify="right" if col != "metric" else "left")
+    for name, st in summary.items():
+        table.add_row(name, str(st["n"]), *(f"{st[k]:.3f}" for k in ("mean", "std", "median", "min", "max")))
+    out.print(table)
+    failed = [r for r in rows if "error" in r]
+    for r in failed[:5]:
+        err.print(f"[yellow]skipped:[/] {r['error']}", highlight=False)
+    if output is not None:
+        meta = {"jpeg_quality": quality, "jpeg_kb": "bytes / 1000 of PIL JPEG at that quality (RGB)",
+                "aesthetic": "LAION aesthetic predictor v2 (1..10)" if aesthetic else None, "summary": summary}
+        write_table(rows, output, metadata=meta)
+        out.print(f"wrote {output}", highlight=False)
+    return 1 if failed and len(failed) == len(rows) else 0
 
 
 @app.command()
