@@ -306,3 +306,31 @@ def test_baselines_in_bench_equal_in_process_scores_and_are_cached(generated, tm
     # the re-run scored nothing through the models (score_images above ran them directly, outside the bench)
     assert calls == {name: first[name] for name in scorers}
     assert again.result["accuracy"] == res.result["accuracy"]
+
+
+def test_two_processes_split_the_images_and_agree_with_one(generated, tmp_path):
+    """`accelerate launch --num_processes 2` (gloo on CPU): each process computes half of the images into the
+    shared cache; the result equals a one-process run."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, paths, _ = generated
+    rows = [{"prompt": f"p{i}", "lose": paths[i], "win": paths[i + 1], "high": paths[i + 2]} for i in range(0, 12, 3)]
+    manifest = _write_jsonl(tmp_path / "t.jsonl", rows)
+    common = ["bench", str(manifest), "-m", "hp", "--hp", "tiny-random", "--device", "cpu", "--no-html"]
+    launcher = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    res = subprocess.run([*launcher, "-m", "icthp.cli", *common, "-o", str(tmp_path / "two"),
+                          "--cache-dir", str(tmp_path / "cache2")], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    from icthp.cli import main
+
+    assert main([*common, "-o", str(tmp_path / "one"), "--cache-dir", str(tmp_path / "cache1")]) == 0
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert two["processes"] == 2 and one["processes"] == 1
+    assert one["cache"]["hp"]["computed"] == 12 and two["cache"]["hp"]["computed"] == 6  # the main process's half
+    with EmbeddingCache(tmp_path / "cache2") as cache:
+        assert cache.count() == 12  # the other half came from the second process
+    assert two["accuracy"] == one["accuracy"]

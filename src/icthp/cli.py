@@ -410,7 +410,7 @@ def bench(
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dev.startswith("cuda"):
         from accelerate import PartialState
 
-        dev = str(PartialState().device)  # one GPU per process under accelerate launch / torchrun
+        dev = str(PartialState(cpu=False).device)  # one GPU per process under accelerate launch / torchrun
     dt = _dtype(dtype, dev)
     scorers, descriptions = {}, {}
     for name in names:

@@ -139,7 +139,8 @@ def _process_state():
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from accelerate import PartialState
 
-        state = PartialState()
+        # Without CUDA, cpu=True makes accelerate set up gloo (MULTI_CPU) instead of one lone process.
+        state = PartialState(cpu=not torch.cuda.is_available())
         return state.process_index, state.num_processes, state.wait_for_everyone
     return 0, 1, lambda: None
 
@@ -356,8 +357,11 @@ def run_bench(
             barrier()  # every process's share is in the cache before anyone reads it
             stats[name] = {"entries": entries, "cached": cached, "computed": computed}
             components[name] = _item_components(scorer, mkey, items, images, cache)
-    return _summarise(source, kind, split, items, images, scorers, components, stats, published, descriptions,
-                      metrics_args, label_ties)
+    res = _summarise(source, kind, split, items, images, scorers, components, stats, published, descriptions,
+                     metrics_args, label_ties)
+    # "computed" counts this process's share; with several processes the others computed the rest.
+    res.result["processes"] = world
+    return res
 
 
 def _summarise(source, kind, split, items, images, scorers, components, stats, published, descriptions,
