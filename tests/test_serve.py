@@ -435,3 +435,24 @@ def test_static_page_is_served(served):
     r = httpx.get(served.url + "/")
     assert r.status_code == 200 and "icthp reward service" in r.text and "v1/score" in r.text
 
+
+
+def test_baselines_are_served_beside_the_model(ict_hp, tmp_path):
+    import icthp
+    from icthp.baselines import write_random_aesthetic, write_random_hpsv2
+
+    hps = icthp.load("hpsv2.1", weights=str(write_random_hpsv2(tmp_path / "hps", version="v2.1")))
+    aes = icthp.load("aesthetic", weights=str(write_random_aesthetic(tmp_path / "aes")))
+    models = ServedModels("ict-hp", ict_hp, {"hpsv2.1": hps, "aesthetic": aes})
+    arrays = [image_array(40 + i, 90, 150) for i in range(3)]  # not square: HPS pads, CLIP crops
+    pil = [Image.fromarray(a) for a in arrays]
+    with ServerThread(create_app(ServeConfig(), models=models)) as server, RewardClient(server.url) as c:
+        result = c.score(np.stack(arrays), "a red fox")
+        info = c.models()
+    assert result.columns == ["ict", "hp", "hp_logit", "ict_hp", "hpsv2_1", "aesthetic"]
+    _assert_same(result, ict_hp.score_images_all(pil, "a red fox"))
+    assert np.allclose(result["hpsv2_1"], hps.score_images(pil, "a red fox").numpy(), atol=1e-6)
+    assert np.allclose(result["aesthetic"], aes.score_images(pil).numpy(), atol=1e-6)
+    assert [b["name"] for b in info["baselines"]] == ["hpsv2.1", "aesthetic"]
+    with pytest.raises(ValueError, match="unknown baseline 'pickscore-xl'"):
+        ServeConfig(baselines=["pickscore-xl"]).validate()

@@ -508,6 +508,7 @@ def serve(
     model: Annotated[ModelName, typer.Option(help="Which reward to serve.")] = ModelName.ict_hp,
     ict: Annotated[str | None, typer.Option(help="ICT weights: hub id (default 8y/ICT), directory, or 'tiny-random'.")] = None,
     hp: Annotated[str | None, typer.Option(help="HP weights: hub id (default 8y/HP), directory, or 'tiny-random'.")] = None,
+    baseline: Annotated[list[str] | None, typer.Option("--baseline", "-b", help="Also serve a baseline, repeatable: pickscore, clip, hpsv2.1, imagereward, aesthetic, ... optionally name=DIR.")] = None,
     host: Annotated[str, typer.Option(help="Address to bind. Anything but loopback requires a token.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     token: Annotated[str | None, typer.Option(envvar="ICTHP_SERVE_TOKEN", show_envvar=True,
@@ -534,7 +535,7 @@ def serve(
     except ImportError as exc:
         err.print(f"[red]error:[/] icthp serve needs the serve extra: pip install \"icthp[serve]\" ({exc})")
         return 2
-    cfg = ServeConfig(model=model.value, ict=ict, hp=hp, device=device, dtype=dtype, host=host, port=port,
+    cfg = ServeConfig(model=model.value, ict=ict, hp=hp, baselines=list(baseline or []), device=device, dtype=dtype, host=host, port=port,
                       token=token or None, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
                       max_images_per_request=max_images, max_image_pixels=max_image_pixels,
                       max_request_bytes=int(max_request_mb * 1024 * 1024), max_prompt_chars=max_prompt_chars,

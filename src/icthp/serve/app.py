@@ -37,30 +37,48 @@ _ENDPOINTS = {"/", "/health", "/v1/score", "/v1/models", "/metrics", "/docs", "/
 
 
 class ServedModels:
-    """What the service runs: one reward model (ICT, HP or ICT-HP); its columns are named by component."""
+    """What the service runs: one reward model (ICT, HP or ICT-HP) and optional baselines.
 
-    def __init__(self, name: str, scorer: Scorer):
+    Columns are named by component (``ict``, ``hp``, ``hp_logit``, ``ict_hp``; a baseline's own, e.g.
+    ``pickscore``). Each network gets the images preprocessed its own way.
+    """
+
+    def __init__(self, name: str, scorer: Scorer, baselines: dict[str, Scorer] | None = None):
         self.name = name
         self.scorer = scorer
-        self.needs_prompt = scorer.needs_prompt
-        self.columns = list(scorer.component_names)
+        self.baselines = dict(baselines or {})
         self.main = scorer.main_component
         self.preprocess = scorer.preprocess
-        infos = [getattr(s, "info", None) for s in (scorer, getattr(scorer, "ict", None), getattr(scorer, "hp", None))]
-        self.infos = [i for i in infos if i is not None]
+        self.columns = list(scorer.component_names)
+        for bname, b in self.baselines.items():
+            clash = [c for c in b.component_names if c in self.columns]
+            if clash:
+                raise ValueError(f"baseline {bname!r}: score column(s) {clash} already served")
+            self.columns += list(b.component_names)
+        self.needs_prompt = scorer.needs_prompt or any(b.needs_prompt for b in self.baselines.values())
+        self.preprocess_configs = list(dict.fromkeys([scorer.preprocess] + [b.preprocess for b in self.baselines.values()]))
+        self.infos = _infos(scorer)
+        self.baseline_infos = {bname: _infos(b) for bname, b in self.baselines.items()}
 
     @property
     def untrained(self) -> bool:
-        return any(i.untrained for i in self.infos)
+        return any(i.untrained for i in self.infos + [i for v in self.baseline_infos.values() for i in v])
 
     def run_batch(self, inputs: dict, prompts: list[str] | None) -> dict[str, torch.Tensor]:
-        """Model forward for one packed batch (called in the model thread)."""
+        """Model forwards for one packed batch (called in the model thread)."""
+        columns: dict[str, torch.Tensor] = {}
         with torch.inference_mode():
-            x = to_device(inputs[self.preprocess], self.scorer.device)
-            columns = self.scorer.components(x, prompts if self.needs_prompt else None)
-            return {k: v.float().cpu() for k, v in columns.items()}
+            for scorer in (self.scorer, *self.baselines.values()):
+                x = to_device(inputs[scorer.preprocess], scorer.device)
+                out = scorer.components(x, prompts if scorer.needs_prompt else None)
+                columns.update({k: v.float().cpu() for k, v in out.items()})
+        return columns
 
     def describe(self) -> dict:
+        def components(infos):
+            return [{"kind": i.kind, "source": i.source, "layout": i.layout, "untrained": i.untrained,
+                     "description": i.describe()} for i in infos]
+
         return {
             "model": self.name,
             "columns": self.columns,
@@ -70,13 +88,21 @@ class ServedModels:
             "device": str(self.scorer.device),
             "dtype": str(self.scorer.dtype).replace("torch.", ""),
             "image_size": self.preprocess.size,
-            "components": [{"kind": i.kind, "source": i.source, "layout": i.layout, "untrained": i.untrained,
-                            "description": i.describe()} for i in self.infos],
+            "components": components(self.infos),
+            "baselines": [{"name": bname, "columns": list(b.component_names), "main": b.main_component,
+                           "components": components(self.baseline_infos[bname])}
+                          for bname, b in self.baselines.items()],
         }
 
 
+def _infos(scorer: Scorer) -> list:
+    infos = [getattr(s, "info", None) for s in (scorer, getattr(scorer, "ict", None), getattr(scorer, "hp", None))]
+    return [i for i in infos if i is not None]
+
+
 def load_models(config: ServeConfig) -> ServedModels:
-    """Load the configured reward model (``device``/``dtype`` ``auto``: CUDA and bf16 when available)."""
+    """Load the configured reward model and baselines (``device``/``dtype`` ``auto``: CUDA and bf16 when
+    available)."""
     from ..scoring import load
 
     device = config.device
@@ -86,9 +112,14 @@ def load_models(config: ServeConfig) -> ServedModels:
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
     scorer = load(config.model, ict=config.ict, hp=config.hp, device=device, dtype=dtype)
+    baselines = {}
+    for spec in config.baselines:
+        bname, _, weights = spec.partition("=")
+        baselines[bname] = load(bname, weights=weights or None, device=device, dtype=dtype)
     if config.compile:
-        scorer.compile()
-    return ServedModels(config.model, scorer)
+        for s in (scorer, *baselines.values()):
+            s.compile()
+    return ServedModels(config.model, scorer, baselines)
 
 
 # ------------------------------------------------------------------------------------------------ state
@@ -132,14 +163,15 @@ class _Service:
         from ..preprocess import pil_to_model_input
 
         assert self.models is not None and self.decode_pool is not None
-        cfg = self.models.preprocess
+        configs = self.models.preprocess_configs
 
-        def one(i: int) -> torch.Tensor:
-            return pil_to_model_input(decode_one(request, i, self.config), cfg)
+        def one(i: int) -> list[torch.Tensor]:
+            image = decode_one(request, i, self.config)  # decoded once, preprocessed for every network
+            return [pil_to_model_input(image, cfg) for cfg in configs]
 
         loop = asyncio.get_running_loop()
-        tensors = await asyncio.gather(*(loop.run_in_executor(self.decode_pool, one, i) for i in range(request.n)))
-        return {cfg: torch.stack(tensors)}
+        per_image = await asyncio.gather(*(loop.run_in_executor(self.decode_pool, one, i) for i in range(request.n)))
+        return {cfg: torch.stack([t[j] for t in per_image]) for j, cfg in enumerate(configs)}
 
 
 # ------------------------------------------------------------------------------------------------ ASGI guard

@@ -33,6 +33,7 @@ class ServeConfig:
     Attributes:
         model: registered reward model: ``ict-hp``, ``ict`` or ``hp``.
         ict, hp: component weights (hub id, local directory or ``tiny-random``); ``None``: the released ones.
+        baselines: baselines served beside it, ``name`` or ``name=weights`` (e.g. ``pickscore=/models/PS``).
         device, dtype: where and in which precision the towers run (``auto``: CUDA + bf16 when available).
         host, port: where to listen; the default binds to loopback only.
         token: bearer token required on ``/v1/*`` and ``/metrics``; mandatory when ``host`` is not loopback.
@@ -50,6 +51,7 @@ class ServeConfig:
     model: str = "ict-hp"
     ict: str | None = None
     hp: str | None = None
+    baselines: list[str] = field(default_factory=list)
     device: str = "auto"
     dtype: str = "auto"
     host: str = "127.0.0.1"
@@ -83,6 +85,13 @@ class ServeConfig:
         if self.max_queue_images < self.max_images_per_request:
             raise ValueError(f"max_queue_images ({self.max_queue_images}) must be >= max_images_per_request "
                              f"({self.max_images_per_request}), or a full request could never be admitted")
+        from ..registry import MODELS
+
+        for spec in self.baselines:
+            name = spec.partition("=")[0]
+            if name not in MODELS or MODELS[name].family != "baseline":
+                baselines = [m for m, s in MODELS.items() if s.family == "baseline"]
+                raise ValueError(f"baselines: unknown baseline {name!r}; expected one of {', '.join(baselines)}")
         if not is_loopback(self.host) and not self.token:
             raise ValueError(f"host {self.host!r} accepts connections from other machines: a bearer token is "
                              f"required (--token or ${TOKEN_ENV})")

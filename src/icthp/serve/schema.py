@@ -18,8 +18,8 @@ class ScoreResponse(BaseModel):
     model: str
     main: str = Field(description="name of the main score column (e.g. ict_hp)")
     untrained: bool = Field(description="true for random preset weights, whose scores mean nothing")
-    scores: dict[str, list[float]] = Field(description="one list per score column (ict, hp, hp_logit, ict_hp), "
-                                                       "in request order")
+    scores: dict[str, list[float]] = Field(description="one list per score column (ict, hp, hp_logit, ict_hp, and "
+                                                       "each served baseline's, e.g. pickscore), in request order")
     ranking: Ranking | None = Field(description="present when all images share one prompt")
     timing_ms: dict[str, float]
 
@@ -41,6 +41,7 @@ class ModelsResponse(BaseModel):
     dtype: str
     image_size: int
     components: list[dict]
+    baselines: list[dict] = Field(default_factory=list, description="baselines served beside the model")
     limits: dict[str, int | float]
     version: str
 
