@@ -48,7 +48,13 @@ from icthp.baselines import (
     write_random_pickscore,
 )
 from icthp.baselines.imagereward import REWARD_MEAN, REWARD_STD
-from icthp.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PreprocessConfig, pil_to_model_input
+from icthp.preprocess import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    PreprocessConfig,
+    pil_to_model_input,
+    preprocess_tensor,
+)
 
 TOL = 1e-5
 PROMPTS = [
@@ -451,6 +457,25 @@ def test_interface_through_the_base_class(scorers, images, pixels, name):
                                  "aesthetic": PreprocessConfig(crop_rounding="round")}.get(name, PreprocessConfig())
     with pytest.raises(AttributeError, match="no score component 'ict'"):
         _ = scores.ict
+
+
+@pytest.mark.parametrize("name", list(BASELINES))
+def test_image_state_is_prompt_free_and_gives_the_same_scores(scorers, pixels, name):
+    scorer = scorers[name]
+    if name == "imagereward":  # the prompt cross-attends to the image tokens: no prompt-free part
+        assert scorer.has_image_state is False
+        return
+    inputs = preprocess_tensor(pixels, scorer.preprocess)
+    with torch.no_grad():
+        state = scorer.image_state(inputs)
+        for prompts in (None, ["a cat"] * 3, ["a dog", "two cats playing chess", "a red bicycle"]):
+            if prompts is None and scorer.needs_prompt:
+                continue
+            expected = scorer.components(inputs, prompts)
+            got = scorer.scores_from_state(state, prompts)
+            assert got.keys() == expected.keys() == set(scorer.component_names)
+            for k in got:
+                torch.testing.assert_close(got[k], expected[k], rtol=0, atol=1e-6)
 
 
 def test_prompt_embeddings_are_cached(scorers, pixels):

@@ -111,7 +111,16 @@ class AestheticScorer(BaselineScorer):
         return F.normalize(self.vision(inputs).float(), dim=-1)
 
     def _components(self, inputs, prompts):
+        return self.scores_from_state(self.image_state(inputs), None)
+
+    # No prompt: the score itself is the per-image state icthp bench caches.
+    has_image_state = True
+
+    def image_state(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"aesthetic": self.head(self.image_embeddings(inputs))}
+
+    def scores_from_state(self, state, prompts):
+        return {"aesthetic": state["aesthetic"]}
 
     def _image_towers(self) -> list[nn.Module]:
         return [self.vision.vision_model]

@@ -83,6 +83,23 @@ class CLIPCosineScorer(BaselineScorer):
         """``cos(text, image)`` ``[B]`` of preprocessed inputs and one prompt per image."""
         return (self.image_embeddings(inputs) * self.text_embeddings(prompts)).sum(-1)
 
+    def _from_cosine(self, cos: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The score components made of the cosines ``[B]`` (each subclass's own scale)."""
+        raise NotImplementedError
+
+    def _components(self, inputs, prompts):
+        return self.scores_from_state(self.image_state(inputs), prompts)
+
+    # The normalised image embedding is the prompt-free part: icthp bench caches it once per image.
+    has_image_state = True
+
+    def image_state(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {f"{self.main_component}_image": self.image_embeddings(inputs)}
+
+    def scores_from_state(self, state, prompts):
+        text = self.text_embeddings(prompts)
+        return self._from_cosine((state[f"{self.main_component}_image"].to(text.device) * text).sum(-1))
+
     def _clear_caches(self) -> None:
         self._prompts.clear()  # cached prompt embeddings live on the old device
 
@@ -168,8 +185,7 @@ class CLIPScorer(CLIPCosineScorer):
         size = int(info.architecture["vision_config"]["image_size"])
         return cls(model, info, scale=scale, preprocess=processor_config(directory, size))
 
-    def _components(self, inputs, prompts):
-        cos = self.cosine(inputs, prompts)
+    def _from_cosine(self, cos):
         if self.scale == "clipscore":
             return {"clip": 2.5 * cos.clamp(min=0)}
         if self.scale == "x100":
@@ -205,8 +221,8 @@ class PickScoreScorer(CLIPCosineScorer):
         model, info, _ = _load_clip_dir(source or cls.default_source, "PickScore", device, dtype, revision)
         return cls(model, info)
 
-    def _components(self, inputs, prompts):
-        return {"pickscore": self.model.logit_scale.float().exp() * self.cosine(inputs, prompts)}
+    def _from_cosine(self, cos):
+        return {"pickscore": self.model.logit_scale.float().exp() * cos}
 
 
 def _write_random_clip_dir(directory: str | os.PathLike, name: str, architecture: str, seed: int,

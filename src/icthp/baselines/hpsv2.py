@@ -231,8 +231,8 @@ class HPSv2Scorer(CLIPCosineScorer):
                               [str(weights)])
         return cls(model, info, version=version)
 
-    def _components(self, inputs, prompts):
-        return {self.main_component: self.cosine(inputs, prompts)}
+    def _from_cosine(self, cos):
+        return {self.main_component: cos}
 
 
 def write_random_hpsv2(directory: str | os.PathLike, *, version: str = "v2.0", architecture: str = "clip-tiny",
