@@ -330,7 +330,8 @@ def test_two_processes_split_the_images_and_agree_with_one(generated, tmp_path):
     one = json.loads((tmp_path / "one" / "results.json").read_text())
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert two["processes"] == 2 and one["processes"] == 1
-    assert one["cache"]["hp"]["computed"] == 12 and two["cache"]["hp"]["computed"] == 6  # the main process's half
+    # the main process computed its share (images are split by content hash), the other process the rest
+    assert one["cache"]["hp"]["computed"] == 12 and 0 < two["cache"]["hp"]["computed"] < 12
     with EmbeddingCache(tmp_path / "cache2") as cache:
         assert cache.count() == 12  # the other half came from the second process
     assert two["accuracy"] == one["accuracy"]

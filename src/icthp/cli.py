@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(
@@ -407,10 +408,8 @@ def bench(
         specs[name] = source or None
     names = list(specs)
     dev = _device(device)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dev.startswith("cuda"):
-        from accelerate import PartialState
-
-        dev = str(PartialState(cpu=False).device)  # one GPU per process under accelerate launch / torchrun
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dev == "cuda":
+        dev = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"  # one GPU per process (accelerate launch / torchrun)
     dt = _dtype(dtype, dev)
     scorers, descriptions = {}, {}
     for name in names:
@@ -579,10 +578,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (InputError, CheckpointError, ImageLoadError, TokenizerNotFoundError, KeyError, ValueError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        err.print(f"[red]error:[/] {msg}", markup=True, highlight=False)
+        err.print(f"[red]error:[/] {escape(str(msg))}", markup=True, highlight=False)
         return 2
     except RuntimeError as exc:  # JobError and friends: the message says what happened and what to do
-        err.print(f"[red]error:[/] {exc}", highlight=False)
+        err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
         return 1
     return int(code or 0)
 

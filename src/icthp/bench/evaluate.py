@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import platform
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -134,15 +135,32 @@ def load_items(source: str | os.PathLike, *, kind: str = "auto", split: str | No
 # --------------------------------------------------------------------------------------------- computing
 
 
-def _process_state():
-    """``(rank, world, barrier)`` under ``accelerate launch`` / torchrun; one process otherwise."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
+def _process_state() -> tuple[int, int]:
+    """``(rank, world)`` from the launcher's environment (``accelerate launch`` / torchrun); ``(0, 1)`` otherwise.
 
-        # Without CUDA, cpu=True makes accelerate set up gloo (MULTI_CPU) instead of one lone process.
-        state = PartialState(cpu=not torch.cuda.is_available())
-        return state.process_index, state.num_processes, state.wait_for_everyone
-    return 0, 1, lambda: None
+    No process group is needed: the processes share work through the cache file, so none of them depends on
+    a collective (whose teardown races are what make multi-process CPU runs flaky).
+    """
+    return int(os.environ.get("RANK", "0")), max(1, int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def _owner(key: str, world: int) -> int:
+    """Which process computes an image: by its content hash, so every process agrees whatever the cache
+    already holds when it looks."""
+    return int(key[:8], 16) % world
+
+
+def _wait_for(cache: EmbeddingCache, mkey: str, images: list[str], prompts: list[str] | None, timeout_s: float) -> None:
+    """Wait until the other processes have stored every entry (their shares of the work)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        have = cache.get(mkey, images, prompts)
+        if len(have) >= len(set(zip(images, prompts, strict=True)) if prompts is not None else set(images)):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"other processes did not store their {len(images) - len(have)} missing entries "
+                               f"within {timeout_s:.0f} s (did one of them fail?)")
+        time.sleep(0.5)
 
 
 def _micro(fn: Callable[[torch.Tensor], dict], inputs: torch.Tensor, scorer: Scorer) -> dict[str, torch.Tensor]:
@@ -302,6 +320,7 @@ def run_bench(
     published: bool = False,
     descriptions: dict[str, dict] | None = None,
     progress: Callable[[str, int], Callable[[int], None]] | None = None,
+    wait_timeout_s: float = 24 * 3600.0,
 ) -> BenchResult:
     """Accuracy of ``scorers`` (``{name: Scorer}``) on a triplet or pair dataset.
 
@@ -313,6 +332,7 @@ def run_bench(
         published: add the paper's Pick-High numbers to the result, for reference.
         descriptions: per scorer, extra fields for the result (``source``, ``untrained``, ``description``).
         progress: ``progress(label, total) -> advance(n)`` (e.g. a progress bar factory).
+        wait_timeout_s: with several processes, how long the main one waits for the others' shares.
 
     Example:
         >>> scorers = {"ict-hp": icthp.load("ict-hp"), "hp": icthp.load("hp")}  # doctest: +SKIP
@@ -327,7 +347,7 @@ def run_bench(
     kind, items = load_items(source, kind=kind, split=split, limit=limit, allow_pickle=allow_pickle)
     workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
     images = _Images(items, workers)
-    rank, world, barrier = _process_state()
+    rank, world = _process_state()
     progress = progress or (lambda label, total: (lambda n: None))
     stats: dict[str, dict[str, int]] = {}
     components: dict[str, dict[str, torch.Tensor]] = {}
@@ -340,10 +360,12 @@ def run_bench(
                     wanted = list(images.source)
                     have = cache.get(mkey, wanted)
                     missing = [h for h in wanted if h not in have]
-                    computed += _compute_states(part, mkey, missing[rank::world], images, cache, batch_size,
-                                                workers, progress(f"{name}: {part.name} images",
-                                                                  len(missing[rank::world])))
+                    mine = [h for h in missing if _owner(h, world) == rank]
+                    computed += _compute_states(part, mkey, mine, images, cache, batch_size, workers,
+                                                progress(f"{name}: {part.name} images", len(mine)))
                     entries, cached = entries + len(wanted), cached + len(wanted) - len(missing)
+                    if world > 1 and rank == 0:
+                        _wait_for(cache, mkey, wanted, None, wait_timeout_s)
                 mkey = None
             else:
                 mkey = model_key(scorer)
@@ -351,12 +373,17 @@ def run_bench(
                                           for item in items for im in item.images))
                 have = cache.get(mkey, [k[0] for k in keys], [k[1] for k in keys])
                 missing = [k for k in keys if k not in have]
-                computed = _compute_scores(scorer, mkey, missing[rank::world], images, cache, batch_size, workers,
-                                           progress(f"{name}: image-prompt pairs", len(missing[rank::world])))
+                mine = [k for k in missing if _owner(k[0], world) == rank]
+                computed = _compute_scores(scorer, mkey, mine, images, cache, batch_size, workers,
+                                           progress(f"{name}: image-prompt pairs", len(mine)))
                 entries, cached = len(keys), len(keys) - len(missing)
-            barrier()  # every process's share is in the cache before anyone reads it
+                if world > 1 and rank == 0:
+                    _wait_for(cache, mkey, [k[0] for k in keys], [k[1] for k in keys], wait_timeout_s)
             stats[name] = {"entries": entries, "cached": cached, "computed": computed}
-            components[name] = _item_components(scorer, mkey, items, images, cache)
+            if rank == 0:
+                components[name] = _item_components(scorer, mkey, items, images, cache)
+    if rank != 0:  # this process's share is in the cache; the main process summarises
+        return BenchResult({"processes": world, "rank": rank}, [], stats)
     res = _summarise(source, kind, split, items, images, scorers, components, stats, published, descriptions,
                      metrics_args, label_ties)
     # "computed" counts this process's share; with several processes the others computed the rest.
