@@ -1,4 +1,4 @@
-"""Command line: ``icthp score | bench | metrics | convert | models | preset | train | serve | data``. A thin shell over the library.
+"""Command line: ``icthp score | bench | metrics | finetune | convert | models | preset | train | serve | data``. A thin shell over the library.
 
 Heavy imports (torch, transformers) happen inside commands so ``icthp --help`` stays fast.
 """
@@ -454,6 +454,44 @@ def bench(
     out.print(res.result["protocol"]["description"], highlight=False)
     for label, path in paths.items():
         out.print(f"{label}: {path}", highlight=False)
+    return 0
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def finetune(
+    overrides: Annotated[list[str] | None, typer.Argument(help="Config overrides: key=value ...")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (configs/finetune_sd35_turbo.yaml ...).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in output_dir from its latest checkpoint.")] = False,
+    print_config: Annotated[bool, typer.Option("--print-config", help="Print every config key (resolved value and help) and exit.")] = False,
+) -> int:
+    """Reward fine-tuning of a diffusion model (DRaFT-K, LoRA) with ICT / HP / ICT-HP or any registered reward.
+
+    Example: icthp finetune --config configs/finetune_sd35_turbo.yaml prompts=prompts.txt output_dir=runs/sd35-icthp
+    """
+    _setup_logging(False)
+    import dataclasses
+
+    from .finetune.config import FinetuneConfig, load_finetune_config
+
+    if print_config:
+        values = load_finetune_config(config, list(overrides or []), validate=False)
+        table = Table(title="icthp finetune config")
+        for col in ("key", "value", "help"):
+            table.add_column(col, overflow="fold")
+        for f in dataclasses.fields(FinetuneConfig):
+            table.add_row(f.name, repr(getattr(values, f.name)), f.metadata.get("help", ""))
+        out.print(table)
+        return 0
+    try:
+        from .finetune.train import finetune as run_finetune
+    except ImportError as exc:
+        err.print(f"[red]error:[/] icthp finetune needs the finetune extra: pip install \"icthp[finetune]\" ({exc})")
+        return 2
+    cfg = load_finetune_config(config, list(overrides or []))
+    summary = run_finetune(cfg, resume=resume)
+    if summary.get("lora"):
+        out.print(f"LoRA: {summary['lora']}  (pipe.load_lora_weights(...)); log: {cfg.output_dir}/log.jsonl; "
+                  f"plot: {summary.get('plot')}", highlight=False)
     return 0
 
 

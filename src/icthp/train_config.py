@@ -126,7 +126,14 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         >>> cfg.stage, cfg.max_steps
         ('hp', 10)
     """
-    valid = {f.name: f for f in fields(TrainConfig)}
+    cfg = read_config(TrainConfig, path, overrides, **kwargs)
+    return cfg.validate() if validate else cfg
+
+
+def read_config(cls, path: str | os.PathLike | None = None, overrides: list[str] | None = None, **kwargs: Any):
+    """Build the config dataclass ``cls`` from a YAML file, ``key=value`` overrides and keyword arguments
+    (later wins), converting override strings to each field's type; unknown keys list the valid ones."""
+    valid = {f.name: f for f in fields(cls)}
     values: dict[str, Any] = {}
     if path is not None:
         import yaml
@@ -146,19 +153,18 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     unknown = sorted(set(values) - set(valid))
     if unknown:
         raise InputError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}")
-    cfg = TrainConfig(**values)
-    return cfg.validate() if validate else cfg
+    return cls(**values)
 
 
-def check_resumable(saved: dict[str, Any], current: TrainConfig) -> None:
-    """Refuse to resume under a config that differs in anything but :data:`RESUME_FREE` fields."""
+def check_resumable(saved: dict[str, Any], current, free: frozenset[str] = RESUME_FREE) -> None:
+    """Refuse to resume under a config that differs in anything but the ``free`` fields."""
     now = current.to_dict()
-    diff = {k: (saved.get(k), now[k]) for k in now if k not in RESUME_FREE and saved.get(k) != now[k]}
+    diff = {k: (saved.get(k), now[k]) for k in now if k not in free and saved.get(k) != now[k]}
     if diff:
         shown = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, a, b in ((k, *v) for k, v in diff.items()))
         raise InputError(f"cannot resume: the config differs from the saved one ({shown}); use another output_dir "
                          "to start a new run")
 
 
-def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
+def save_config(cfg, path: str | os.PathLike) -> None:
     Path(path).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,140 @@
+"""Differentiable rewards for fine-tuning, and the reward-function shapes RL trainers call.
+
+A reward is one registered scorer or a weighted sum of several (``"ict-hp"``, ``"ict-hp:1,aesthetic:0.05"``),
+computed from pixels ``[B, 3, H, W]`` in [0, 1] with gradients to the pixels (each scorer's
+``score(pixels, prompts)``: differentiable resize, crop and normalisation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..scoring import Scorer
+
+
+def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
+    """``"ict-hp"`` -> ``[("ict-hp", 1.0)]``; ``"ict-hp:1,aesthetic:0.05"`` -> two weighted terms.
+
+    Example:
+        >>> parse_reward_spec("ict-hp:1, aesthetic:0.05")
+        [('ict-hp', 1.0), ('aesthetic', 0.05)]
+    """
+    terms = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        name, _, weight = part.partition(":")
+        try:
+            terms.append((name.strip(), float(weight) if weight else 1.0))
+        except ValueError:
+            raise ValueError(f"reward {spec!r}: weight of {name!r} is not a number: {weight!r}") from None
+    if not terms:
+        raise ValueError("reward: expected a model name or name:weight list, got an empty string")
+    return terms
+
+
+@dataclass
+class Reward:
+    """A weighted sum of scorers; ``reward(pixels, prompts) -> Tensor[B]``, differentiable w.r.t. the pixels.
+
+    Example:
+        >>> reward = Reward({"ict-hp": icthp.load("ict-hp")}, {"ict-hp": 1.0})  # doctest: +SKIP
+        >>> reward(images_01, prompts).mean().backward()  # doctest: +SKIP
+    """
+
+    scorers: dict[str, Scorer]
+    weights: dict[str, float]
+
+    def __post_init__(self):
+        missing = set(self.weights) ^ set(self.scorers)
+        if missing:
+            raise ValueError(f"reward: scorers and weights name different models: {sorted(missing)}")
+        for scorer in self.scorers.values():
+            for tower in scorer._image_towers():
+                tower.requires_grad_(False)  # rewards are frozen judges; only the pixels get gradients
+
+    @property
+    def name(self) -> str:
+        return " + ".join(n if w == 1 else f"{w:g}*{n}" for n, w in self.weights.items())
+
+    def terms(self, pixels: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Each scorer's score ``[B]`` (fp32, on the pixels' device)."""
+        out = {}
+        for name, scorer in self.scorers.items():
+            out[name] = scorer.score(pixels, list(prompts) if scorer.needs_prompt else None).float().to(pixels.device)
+        return out
+
+    def __call__(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        terms = self.terms(pixels, prompts)
+        return sum(self.weights[n] * v for n, v in terms.items())  # type: ignore[return-value]
+
+    # -- the shapes RL code calls
+    def reward_fn(self):
+        """``reward_fn(images, prompts, metadata) -> (scores, info)`` (ddpo-pytorch / flow_grpo shape).
+
+        ``images``: float tensor ``[B, 3, H, W]`` in [0, 1], uint8 tensor ``[B, 3, H, W]``, or uint8 numpy
+        ``[B, H, W, 3]``. Returns a float32 numpy array and ``{scorer: numpy array}``; no gradients.
+        """
+
+        def reward_fn(images, prompts, metadata=None):
+            pixels = _as_pixels(images)
+            with torch.no_grad():
+                terms = self.terms(pixels, prompts)
+                total = sum(self.weights[n] * v for n, v in terms.items())
+            return total.cpu().numpy().astype(np.float32), {n: v.cpu().numpy() for n, v in terms.items()}
+
+        return reward_fn
+
+    def loss_fn(self):
+        """``loss_fn(images in [-1, 1], prompts) -> (loss, rewards)`` (AlignProp / DRaFT shape): the loss is
+        ``-mean(reward)``, differentiable w.r.t. the images; ``rewards`` are detached."""
+
+        def loss_fn(images: torch.Tensor, prompts):
+            pixels = straight_through_clamp((images + 1) / 2)
+            rewards = self(pixels, prompts)
+            return -rewards.mean(), rewards.detach()
+
+        return loss_fn
+
+
+def straight_through_clamp(x: torch.Tensor) -> torch.Tensor:
+    """Values clamped to [0, 1], gradient passed through unchanged.
+
+    A plain ``clamp(0, 1)`` zeroes the gradient of every saturated pixel (method.md section 9), which would
+    hide from the reward exactly the pixels a sampler pushes out of range.
+    """
+    return x + (x.clamp(0, 1) - x).detach()
+
+
+def _as_pixels(images) -> torch.Tensor:
+    if isinstance(images, np.ndarray):
+        t = torch.from_numpy(images)
+        if t.ndim == 4 and t.shape[-1] in (1, 3):
+            t = t.permute(0, 3, 1, 2)
+        images = t
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images: expected a tensor or numpy array, got {type(images).__name__}")
+    if images.dtype == torch.uint8:
+        return images.float() / 255
+    return images.float().clamp(0, 1)
+
+
+def load_reward(spec: str, *, ict: str | None = None, hp: str | None = None, weights: dict[str, str] | None = None,
+                device: str | torch.device = "cpu", dtype=None) -> Reward:
+    """Build a :class:`Reward` from a spec (``"ict-hp"``, ``"hp:1,aesthetic:0.1"``); ``ict``/``hp`` locate the
+    ICT and HP weights, ``weights`` maps a baseline name to its weights."""
+    from ..registry import get_spec
+    from ..scoring import load
+
+    scorers, ws = {}, {}
+    for name, w in parse_reward_spec(spec):
+        fam = get_spec(name).family
+        if fam == "baseline":
+            scorers[name] = load(name, weights=(weights or {}).get(name), device=device, dtype=dtype)
+        else:
+            scorers[name] = load(name, ict=ict if "ict" in get_spec(name).components else None,
+                                 hp=hp if "hp" in get_spec(name).components else None, device=device, dtype=dtype)
+        ws[name] = w
+    return Reward(scorers, ws)
