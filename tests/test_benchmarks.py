@@ -54,3 +54,18 @@ def test_bench_serve_runs_without_losing_requests(tmp_path):
         assert level["succeeded"] == 12 and level["failed"] == 0
         assert level["latency_ms"]["p50"] <= level["latency_ms"]["p99"] <= level["latency_ms"]["max"]
         assert level["mean_model_batch"] >= 1
+
+
+def test_bench_finetune_runs_every_k_against_full_backprop():
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_finetune.py"), "--kind", "sd3", "--ks", "1,2",
+         "--steps", "1"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert set(out["per_k"]) == {"1", "2", "4"}  # K=4: the full-backpropagation reference, added by itself
+    assert out["per_k"]["4"]["time_ratio_to_full"] == 1.0
+    assert out["sigmas"][-2] < 0.05  # the Turbo schedule's last step spans a tiny sigma ...
+    # ... so K=1 sends far less gradient to the LoRA weights than K=2
+    assert out["per_k"]["1"]["first_grad_norm"] < 0.2 * out["per_k"]["2"]["first_grad_norm"]
