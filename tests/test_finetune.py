@@ -209,3 +209,26 @@ def test_cli_finetune_on_a_saved_tiny_pipeline(prompts_file, tmp_path, capsys):
     assert code == 0
     assert (tmp_path / "out" / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert main(["finetune", f"prompts={prompts_file}", "k=9"]) == 2  # k > steps: a clear config error
+
+
+def test_two_processes_train_with_accelerate(prompts_file, tmp_path):
+    """`accelerate launch --num_processes 2` (DDP over gloo on CPU): each process samples its own prompts, the
+    LoRA gradients are averaged, the main process evaluates and writes; no collective is left waiting."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pipe_dir = write_tiny_pipeline(tmp_path / "pipe", "sd3")
+    launcher = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    res = subprocess.run([*launcher, "-m", "icthp.cli", "finetune", f"pipeline={pipe_dir}", f"prompts={prompts_file}",
+                          f"output_dir={tmp_path / 'out'}", "heldout_count=2", "resolution=32", "max_steps=3",
+                          "ict=tiny-random", "hp=tiny-random", "monitor=hp", "lora_rank=2", "lora_alpha=2",
+                          "gradient_accumulation_steps=1", "eval_every=1", "save_every=2"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/reward" in r] == [1, 2, 3]  # logged once, by the main process
+    assert [r["step"] for r in rows if "heldout/monitor" in r] == [0, 1, 2, 3]
+    fresh = tiny_sd3_pipeline()
+    fresh.load_lora_weights(str(tmp_path / "out" / "lora"))

@@ -146,7 +146,19 @@ class HeldOut:
 
 
 def sample_heldout(sampler: DraftSampler, heldout: HeldOut, batch: int) -> torch.Tensor:
-    """Held-out images with fixed per-prompt seeds (the same noise at every evaluation)."""
+    """Held-out images with fixed per-prompt seeds (the same noise at every evaluation).
+
+    Runs the unwrapped denoiser: only the main process evaluates, and a DDP-wrapped forward would start
+    collectives (buffer broadcasts) that the other processes never join.
+    """
+    wrapped, sampler.denoiser = sampler.denoiser, sampler.module
+    try:
+        return _sample_heldout(sampler, heldout, batch)
+    finally:
+        sampler.denoiser = wrapped
+
+
+def _sample_heldout(sampler: DraftSampler, heldout: HeldOut, batch: int) -> torch.Tensor:
     out = []
     with torch.no_grad():
         for i in range(0, len(heldout.prompts), batch):
@@ -256,7 +268,7 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, pipe=None, reward: Re
         >>> pipe.load_lora_weights(summary["lora"])  # doctest: +SKIP
     """
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
     from ..train_config import check_resumable, save_config
 
@@ -265,7 +277,10 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, pipe=None, reward: Re
     precision = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if cuda else "no")
     accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                               cpu=not cuda, log_with=None if cfg.report_to == "none" else cfg.report_to,
-                              project_dir=cfg.output_dir)
+                              project_dir=cfg.output_dir,
+                              # some LoRA weights get no gradient (e.g. SD3's text-stream projections after the
+                              # last joint block): DDP must not wait for them
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     out = Path(cfg.output_dir)
     ckpt_root = out / "checkpoints"
