@@ -17,6 +17,9 @@ Usage::
 
     python benchmarks/bench_finetune.py --kind sd3 --ks 1,2,3,4 --save benchmarks/results/finetune_tiny_sd3_cpu.json
     python benchmarks/bench_finetune.py --kind sd --steps-sampling 8 --ks 1,2,4,8
+    # on a GPU, the real model (1024 px, bf16, gradient checkpointing, the released rewards):
+    python benchmarks/bench_finetune.py --pipeline stabilityai/stable-diffusion-3.5-large-turbo --device cuda \
+        --resolution 1024 --batch 1 --ks 1,2,3,4 --ict 8y/ICT --hp 8y/HP --lora-rank 16 --gradient-checkpointing
 """
 
 from __future__ import annotations
@@ -48,12 +51,22 @@ def one_k(args) -> dict:
 
     torch.manual_seed(0)
     device = args.device
-    pipe = (tiny_sd3_pipeline if args.kind == "sd3" else tiny_sd_pipeline)(seed=0)
-    for m in (pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None), denoiser_of(pipe)):
+    if args.pipeline:  # a real pipeline (e.g. SD3.5-Large-Turbo on a GPU), frozen parts in bf16 there
+        from icthp.finetune.train import load_pipeline
+
+        pipe = load_pipeline(args.pipeline, torch.bfloat16 if device.startswith("cuda") else torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        if args.gradient_checkpointing:
+            denoiser_of(pipe).enable_gradient_checkpointing()
+    else:
+        pipe = (tiny_sd3_pipeline if args.kind == "sd3" else tiny_sd_pipeline)(seed=0)
+    for m in (pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None), getattr(pipe, "text_encoder_3", None),
+              denoiser_of(pipe)):
         if m is not None:
             m.to(device)
-    params = add_lora(pipe, FinetuneConfig(prompts="-", lora_rank=4, lora_alpha=4))
-    reward = load_reward("ict-hp", ict="tiny-random", hp="tiny-random", device=device)
+    params = add_lora(pipe, FinetuneConfig(prompts="-", lora_rank=args.lora_rank, lora_alpha=args.lora_rank))
+    reward = load_reward("ict-hp", ict=args.ict, hp=args.hp, device=device,
+                         dtype="bfloat16" if device.startswith("cuda") else None)
     sampler = DraftSampler(pipe, num_inference_steps=args.steps_sampling, guidance_scale=args.guidance,
                            height=args.resolution, width=args.resolution, k=args.k)
     opt = torch.optim.AdamW(params, lr=args.lr)
@@ -106,6 +119,11 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=5, help="timed optimiser steps per K")
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--pipeline", default=None, help="a real diffusers pipeline (hub id / directory) instead of the tiny one")
+    ap.add_argument("--ict", default="tiny-random", help="ICT weights of the reward (8y/ICT for real runs)")
+    ap.add_argument("--hp", default="tiny-random", help="HP weights of the reward (8y/HP for real runs)")
+    ap.add_argument("--lora-rank", type=int, default=4)
+    ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--save", type=Path, default=None)
     ap.add_argument("--k", type=int, default=None, help=argparse.SUPPRESS)  # subprocess mode
     args = ap.parse_args()
@@ -119,7 +137,12 @@ def main() -> int:
     for k in ks:
         cmd = [sys.executable, __file__, "--k", str(k), "--kind", args.kind, "--steps-sampling",
                str(args.steps_sampling), "--guidance", str(args.guidance), "--resolution", str(args.resolution),
-               "--batch", str(args.batch), "--steps", str(args.steps), "--lr", str(args.lr), "--device", args.device]
+               "--batch", str(args.batch), "--steps", str(args.steps), "--lr", str(args.lr), "--device", args.device,
+               "--ict", args.ict, "--hp", args.hp, "--lora-rank", str(args.lora_rank)]
+        if args.pipeline:
+            cmd += ["--pipeline", args.pipeline]
+        if args.gradient_checkpointing:
+            cmd.append("--gradient-checkpointing")
         res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
         if res.returncode != 0:
             print(res.stderr[-3000:], file=sys.stderr)
@@ -129,12 +152,14 @@ def main() -> int:
     for r in runs.values():
         r["time_ratio_to_full"] = round(r["step_s"] / ref["step_s"], 3)
         r["memory_ratio_to_full"] = round(r["peak_mb"] / ref["peak_mb"], 3)
-    result = {"benchmark": "draft_k", "kind": args.kind, "sampling_steps": args.steps_sampling,
+    result = {"benchmark": "draft_k", "kind": args.kind, "pipeline": args.pipeline or f"tiny random {args.kind}",
+              "sampling_steps": args.steps_sampling,
               "resolution": args.resolution, "batch": args.batch, "timed_steps": args.steps, "lr": args.lr,
               "reference": f"K={args.steps_sampling} (full backpropagation through every sampling step)",
               "sigmas": ref["sigmas"], "per_k": {str(k): {kk: v for kk, v in r.items() if kk != "sigmas"}
                                                 for k, r in sorted(runs.items())},
-              "untrained_weights": True, **environment(args.device)}
+              "untrained_weights": args.pipeline is None or (Path(args.pipeline) / "ICTHP_UNTRAINED.txt").exists()
+              or "tiny-random" in (args.ict, args.hp), **environment(args.device)}
     emit(result, args.save)
     return 0
 
