@@ -88,6 +88,18 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("icthp").setLevel(logging.INFO if verbose else logging.ERROR)
 
 
+def _print_config(title: str, values) -> None:
+    """Every field of a config dataclass: key, resolved value, help."""
+    import dataclasses
+
+    table = Table(title=title)
+    for col in ("key", "value", "help"):
+        table.add_column(col, overflow="fold")
+    for f in dataclasses.fields(values):
+        table.add_row(f.name, repr(getattr(values, f.name)), f.metadata.get("help", ""))
+    out.print(table)
+
+
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.4f}"
 
@@ -322,18 +334,8 @@ def train(
 
     extra = {"stage": stage} if stage else {}
     if print_config:
-        import dataclasses
-
-        from .train_config import TrainConfig
-
         # Resolved without validation, so the listing works before train_data is known.
-        values = load_config(config, list(overrides or []), validate=False, **extra)
-        table = Table(title="icthp train config")
-        for col in ("key", "value", "help"):
-            table.add_column(col, overflow="fold")
-        for f in dataclasses.fields(TrainConfig):
-            table.add_row(f.name, repr(getattr(values, f.name)), f.metadata.get("help", ""))
-        out.print(table)
+        _print_config("icthp train config", load_config(config, list(overrides or []), validate=False, **extra))
         return 0
     cfg = load_config(config, list(overrides or []), **extra)
     export = run_train(cfg, resume=resume)
@@ -469,18 +471,10 @@ def finetune(
     Example: icthp finetune --config configs/finetune_sd35_turbo.yaml prompts=prompts.txt output_dir=runs/sd35-icthp
     """
     _setup_logging(False)
-    import dataclasses
-
-    from .finetune.config import FinetuneConfig, load_finetune_config
+    from .finetune.config import load_finetune_config
 
     if print_config:
-        values = load_finetune_config(config, list(overrides or []), validate=False)
-        table = Table(title="icthp finetune config")
-        for col in ("key", "value", "help"):
-            table.add_column(col, overflow="fold")
-        for f in dataclasses.fields(FinetuneConfig):
-            table.add_row(f.name, repr(getattr(values, f.name)), f.metadata.get("help", ""))
-        out.print(table)
+        _print_config("icthp finetune config", load_finetune_config(config, list(overrides or []), validate=False))
         return 0
     try:
         from .finetune.train import finetune as run_finetune

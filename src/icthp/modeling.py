@@ -128,10 +128,13 @@ class HPHead(nn.Module):
         return self.layers(features).squeeze(-1)
 
 
-class HPModel(nn.Module):
-    """HP network: CLIP vision tower + visual projection + :class:`HPHead`.
+class CLIPVision(nn.Module):
+    """The image half of a transformers ``CLIPModel``: ``vision_model`` + ``visual_projection`` (same keys).
 
-    ``forward(pixel_values)`` returns the HP logit ``[B]`` (``hp = sigmoid(logit)``).
+    Example:
+        >>> vision = CLIPVision(clip_config(architecture_dict("clip-tiny")))
+        >>> vision(torch.zeros(1, 3, 224, 224)).shape
+        torch.Size([1, 16])
     """
 
     def __init__(self, cfg):
@@ -142,11 +145,24 @@ class HPModel(nn.Module):
         self.config = cfg
         self.vision_model = tower.vision_model
         self.visual_projection = tower.visual_projection
-        self.head = HPHead(cfg.projection_dim)
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Projected, unnormalised image features ``[B, projection_dim]``."""
         return vision_features(self, pixel_values)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.image_features(pixel_values)
+
+
+class HPModel(CLIPVision):
+    """HP network: CLIP vision tower + visual projection + :class:`HPHead`.
+
+    ``forward(pixel_values)`` returns the HP logit ``[B]`` (``hp = sigmoid(logit)``).
+    """
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.head = HPHead(cfg.projection_dim)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         features = self.image_features(pixel_values)

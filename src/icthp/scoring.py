@@ -305,7 +305,7 @@ class Scorer:
         pixels = check_pixels(pixels)
         prompt_list = check_prompts(prompts, pixels.shape[0], self.needs_prompt)
         inputs = preprocess_tensor(pixels.to(self.device), self.preprocess)
-        return Scores(**self.components(inputs, prompt_list))
+        return self._scores(self.components(inputs, prompt_list))
 
     def score_images_all(
         self,
@@ -326,10 +326,14 @@ class Scorer:
                 sub = None if prompt_list is None else [prompt_list[i] for i in batch.indices]
                 for name, value in self.components(to_device(batch.pixel_values, self.device), sub).items():
                     columns.setdefault(name, torch.empty(len(images)))[batch.indices] = value.float().cpu()
-        return Scores(**columns)
+        return self._scores(columns)
 
     def _group_scores(self, fn, images, prompt) -> torch.Tensor:
         return fn(images, prompt)
+
+    def _scores(self, columns: dict[str, torch.Tensor]):
+        """The result object of ``score_all`` / ``score_images_all`` (baselines return their own columns)."""
+        return Scores(**columns)
 
     def components(self, inputs: torch.Tensor, prompts: list[str] | None) -> dict[str, torch.Tensor]:
         """All score components of preprocessed inputs ``[B, 3, S, S]`` (normalised), as ``{name: [B]}``.

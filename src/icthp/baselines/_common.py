@@ -29,22 +29,16 @@ from ..checkpoints import (
 )
 from ..errors import CheckpointError
 from ..modeling import (
+    CLIPVision,
     architecture_dict,
     build_clip,
     clip_config,
     config_to_dict,
     restore_position_ids,
-    vision_features,
 )
-from ..preprocess import PreprocessConfig, preprocess_tensor
+from ..preprocess import PreprocessConfig
 from ..scoring import (
-    ImageInput,
     Scorer,
-    _check_images,
-    check_pixels,
-    check_prompts,
-    iter_batches,
-    to_device,
 )
 
 logger = logging.getLogger(__name__)
@@ -117,32 +111,8 @@ class BaselineScorer(Scorer):
     def _clear_caches(self) -> None:
         """Drop anything cached on the old device (prompt embeddings)."""
 
-    def score_all(self, pixels: torch.Tensor, prompts: str | Sequence[str] | None = None) -> BaselineScores:
-        """Every component of this scorer, differentiable w.r.t. ``pixels`` ``[B, 3, H, W]`` in [0, 1]."""
-        pixels = check_pixels(pixels)
-        prompt_list = check_prompts(prompts, pixels.shape[0], self.needs_prompt)
-        inputs = preprocess_tensor(pixels.to(self.device), self.preprocess)
-        return BaselineScores(**self.components(inputs, prompt_list))
-
-    def score_images_all(
-        self,
-        images: ImageInput | Sequence[ImageInput],
-        prompts: str | Sequence[str] | None = None,
-        *,
-        batch_size: int = 32,
-        num_workers: int | None = None,
-    ) -> BaselineScores:
-        """Every component for image files / PIL images (the release's preprocessing); CPU tensors ``[N]``."""
-        images = _check_images(images)
-        prompt_list = check_prompts(prompts, len(images), self.needs_prompt)
-        columns: dict[str, torch.Tensor] = {}
-        with torch.inference_mode():
-            for batch in iter_batches(images, self.preprocess, batch_size, num_workers):
-                if batch.errors:
-                    raise batch.errors[0][1]
-                sub = None if prompt_list is None else [prompt_list[i] for i in batch.indices]
-                for name, value in self.components(to_device(batch.pixel_values, self.device), sub).items():
-                    columns.setdefault(name, torch.empty(len(images)))[batch.indices] = value.float().cpu()
+    def _scores(self, columns: dict[str, torch.Tensor]) -> BaselineScores:
+        # score_all / score_images_all return the baseline's own components (icthp.Scores holds ICT-HP's)
         return BaselineScores(**columns)
 
     def __repr__(self) -> str:
@@ -286,29 +256,6 @@ def expected_shapes(module: nn.Module) -> dict[str, torch.Size]:
 
 
 # --------------------------------------------------------------------------------------------- CLIP
-
-
-class CLIPVision(nn.Module):
-    """The image half of a transformers ``CLIPModel``: ``vision_model`` + ``visual_projection`` (same keys).
-
-    Example:
-        >>> vision = CLIPVision(clip_config(architecture_dict("clip-tiny")))
-        >>> vision(torch.zeros(1, 3, 224, 224)).shape
-        torch.Size([1, 16])
-    """
-
-    def __init__(self, cfg):
-        super().__init__()
-        from transformers import CLIPVisionModelWithProjection
-
-        tower = CLIPVisionModelWithProjection(cfg.vision_config)
-        self.config = cfg
-        self.vision_model = tower.vision_model
-        self.visual_projection = tower.visual_projection
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Projected, unnormalised image features ``[B, projection_dim]``."""
-        return vision_features(self, pixel_values)
 
 
 _VISION_PREFIXES = ("vision_model.", "visual_projection.")
