@@ -256,7 +256,7 @@ def test_cli_bench_end_to_end(demo_dir, tmp_path):
 
     out = tmp_path / "out"
     code = main(["bench", str(demo_dir / "triplets.jsonl"), "--ict", "tiny-random", "--hp", "tiny-random",
-                 "-o", str(out), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--published", "--no-html"])
+                 "-o", str(out), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--published"])
     assert code == 0
     result = json.loads((out / "results.json").read_text())
     assert [s["name"] for s in result["scorers"]] == ["ict-hp", "ict", "hp"]
@@ -267,6 +267,10 @@ def test_cli_bench_end_to_end(demo_dir, tmp_path):
     assert len(items) == 2 and len(items[0]["scores"]["hp"]) == 3
     for name, acc in result["accuracy"].items():
         assert not math.isnan(acc["mean"]), name
+    md = (out / "results.md").read_text()
+    assert md.startswith("| model | Mean | I2>I1 | I3>I2 | I3>I1 |") and "ict-hp (published)" in md
+    page = (out / "report.html").read_text()
+    assert "UNTRAINED" in page.upper() and page.count("<svg") == 4 and "data:image/jpeg;base64," in page
     assert main(["bench", str(demo_dir / "triplets.jsonl"), "-m", "pickscore-xl", "--ict", "tiny-random"]) == 2
 
 

@@ -1,56 +1,25 @@
-"""The service's web page in headless Chromium: upload the demo triplet, see three ranked scores.
-
-Needs Chromium (Debian package ``chromium``) and the ``playwright`` Python package (driver only; no browser
-download). Skipped with the reason when either is missing, unless ``ICTHP_REQUIRE_BROWSER=1`` (set by CI
-once it has installed Chromium), where a missing browser fails instead.
-"""
+"""The service's web page in headless Chromium (tests/_browser.py): upload the demo triplet, see three ranked
+scores."""
 
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed")
 
+from _browser import chromium_page
 from _serving import ServerThread
 from icthp.serve import ServeConfig, create_app
 from icthp.serve.app import ServedModels
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
-
-
-def _chromium() -> str:
-    path = os.environ.get("ICTHP_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        path = None
-    if path is None:
-        if os.environ.get("ICTHP_REQUIRE_BROWSER") == "1":
-            pytest.fail("ICTHP_REQUIRE_BROWSER=1 but Chromium or the playwright package is missing")
-        pytest.skip("headless Chromium test: install the Debian package 'chromium' and the 'playwright' package")
-    return path
-
 
 @pytest.fixture()
 def browser_page():
-    from playwright.sync_api import sync_playwright
-
-    executable = _chromium()
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1100, "height": 900})
-            problems: list[str] = []
-            page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
-            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-            yield page, problems
-        finally:
-            browser.close()
+    with chromium_page() as page_and_problems:
+        yield page_and_problems
 
 
 def test_page_scores_the_demo_triplet(browser_page, ict_hp, demo_dir, tmp_path):
