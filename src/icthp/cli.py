@@ -19,7 +19,7 @@ from rich.table import Table
 
 app = typer.Typer(
     name="icthp",
-    help="ICT and HP reward models for text-to-image generation (arXiv 2507.19002): score images, convert checkpoints.",
+    help="ICT and HP reward models for text-to-image generation (arXiv 2507.19002): score, benchmark, train, fine-tune diffusion models, serve.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
