@@ -232,3 +232,17 @@ def test_two_processes_train_with_accelerate(prompts_file, tmp_path):
     assert [r["step"] for r in rows if "heldout/monitor" in r] == [0, 1, 2, 3]
     fresh = tiny_sd3_pipeline()
     fresh.load_lora_weights(str(tmp_path / "out" / "lora"))
+
+
+def test_example_script_runs():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "finetune_draft.py"
+    res = subprocess.run([sys.executable, str(script), "--tiny", "--steps", "2"], capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.strip().splitlines()
+    assert lines[0].startswith("reward at fixed seeds before:") and lines[-1].startswith("reward at fixed seeds after:")
+    assert [line.split(":")[0] for line in lines[1:-1]] == ["step 1", "step 2"]
