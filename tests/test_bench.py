@@ -339,3 +339,39 @@ def test_two_processes_split_the_images_and_agree_with_one(generated, tmp_path):
     with EmbeddingCache(tmp_path / "cache2") as cache:
         assert cache.count() == 12  # the other half came from the second process
     assert two["accuracy"] == one["accuracy"]
+
+
+def test_pick_a_pic_parquet_with_embedded_images_and_report(generated, tmp_path):
+    """Pick-a-Pic columns (caption, jpg_0 / jpg_1 bytes, label_0 / label_1): scored from the bytes, and the
+    report shows the embedded images (items.jsonl keeps their content hashes, not the bytes)."""
+    import io as _io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from icthp.bench.evaluate import write_bench
+
+    _, paths, _ = generated
+
+    def jpeg(path):
+        buf = _io.BytesIO()
+        Image.open(path).convert("RGB").save(buf, format="JPEG", quality=90)
+        return buf.getvalue()
+
+    rows = [{"caption": f"p{i}", "jpg_0": jpeg(paths[i]), "jpg_1": jpeg(paths[11 - i]),
+             "label_0": 1.0 if i % 2 else 0.0, "label_1": 0.0 if i % 2 else 1.0} for i in range(4)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pickapic.parquet")
+    import icthp
+
+    hp = icthp.load("hp", hp="tiny-random")
+    ict = icthp.load("ict", ict="tiny-random")
+    res = run_bench(tmp_path / "pickapic.parquet", {"hp": hp, "ict": ict}, cache_dir=tmp_path / "cache")
+    assert res.result["kind"] == "pair" and res.result["dataset"]["rows"] == 4
+    for row, item in zip(rows, res.items, strict=True):
+        direct = hp.score_images([row["jpg_0"], row["jpg_1"]])
+        assert np.allclose(item["scores"]["hp"], direct.numpy(), atol=1e-6)
+        assert item["image_a"] is None and item["image_a_sha256"] == content_hash(row["jpg_0"])
+    paths_out = write_bench(res, tmp_path / "out")
+    page = paths_out["html"].read_text()
+    assert "image unavailable" not in page and page.count('alt="embedded image"') >= 2
+    assert b"jpg" not in (tmp_path / "out" / "items.jsonl").read_bytes()  # no bytes in the JSON lines

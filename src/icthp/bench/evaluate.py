@@ -61,11 +61,13 @@ class BenchItem:
 @dataclass
 class BenchResult:
     """``result``: the JSON-able summary (protocol, dataset, scorers, accuracy); ``items``: per-item scores;
-    ``stats``: per scorer, how many images were computed and how many came from the cache."""
+    ``stats``: per scorer, how many images were computed and how many came from the cache; ``sources``:
+    content hash -> path or encoded bytes of every image (for the report's thumbnails; not serialised)."""
 
     result: dict
     items: list[dict]
     stats: dict[str, dict[str, int]] = field(default_factory=dict)
+    sources: dict[str, str | bytes] = field(default_factory=dict, repr=False)
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -418,7 +420,8 @@ def _summarise(source, kind, split, items, images, scorers, components, stats, p
     for i, item in enumerate(items):
         row: dict[str, Any] = {"row": item.row, "prompt": item.prompt}
         for role, im in zip(roles, item.images, strict=True):
-            row[role] = im if isinstance(im, str) else None
+            row[role] = im if isinstance(im, str) else None  # embedded bytes stay out of items.jsonl
+            row[f"{role}_sha256"] = images.key(im)
         if kind == "pair":
             row["winner"] = item.winner
         row["scores"] = {name: [float(x) for x in compared[name][i]] for name in scorers}
@@ -444,7 +447,7 @@ def _summarise(source, kind, split, items, images, scorers, components, stats, p
     }
     if published and kind == "triplet":
         result["published"] = {k: v for k, v in PUBLISHED_PICK_HIGH.items()}
-    return BenchResult(result, out_items, stats)
+    return BenchResult(result, out_items, stats, images.source)
 
 
 def write_bench(result: BenchResult, output_dir: str | os.PathLike, *, html: bool = True) -> dict[str, Path]:
@@ -462,6 +465,14 @@ def write_bench(result: BenchResult, output_dir: str | os.PathLike, *, html: boo
     if html:
         from .report import write_report
 
-        items_for_report = [{k: v for k, v in row.items() if k != "components"} for row in result.items]
+        # Images embedded as bytes (e.g. Pick-a-Pic parquet) have no path: the report gets their bytes.
+        items_for_report = []
+        for row in result.items:
+            item = {k: v for k, v in row.items() if k != "components"}
+            for key in [k for k in item if k.endswith("_sha256")]:
+                role = key[: -len("_sha256")]
+                if item.get(role) is None and item[key] in result.sources:
+                    item[role] = result.sources[item[key]]
+            items_for_report.append(item)
         paths.update(write_report(result.result, items_for_report, out))
     return paths

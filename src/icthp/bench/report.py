@@ -228,13 +228,15 @@ def _distribution(name: str, j: int, result: dict, items: Sequence[dict]) -> str
 # --------------------------------------------------------------------------------------------- HTML
 
 
-def _thumbnail(path: str | None, px: int) -> str:
-    if not path or not os.path.isfile(path):
+def _thumbnail(path: str | bytes | None, px: int) -> str:
+    """An embedded JPEG thumbnail of an image file or encoded image bytes; a placeholder when unavailable."""
+    embedded = isinstance(path, (bytes, bytearray))
+    if not path or (not embedded and not os.path.isfile(path)):
         return f'<div class="missing" style="width:{px}px;height:{px * 3 // 4}px">image unavailable</div>'
     try:
         from PIL import Image
 
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(path) if embedded else path) as im:
             im = im.convert("RGB")
             im.thumbnail((px, px))
             buf = io.BytesIO()
@@ -242,7 +244,8 @@ def _thumbnail(path: str | None, px: int) -> str:
     except Exception:  # an unreadable file is shown as such, never breaks the report
         return f'<div class="missing" style="width:{px}px;height:{px * 3 // 4}px">unreadable image</div>'
     data = base64.b64encode(buf.getvalue()).decode()
-    return f'<img src="data:image/jpeg;base64,{data}" alt="{_e(Path(path).name)}" width="{im.width}" height="{im.height}">'
+    alt = "embedded image" if embedded else Path(path).name
+    return f'<img src="data:image/jpeg;base64,{data}" alt="{_e(alt)}" width="{im.width}" height="{im.height}">'
 
 
 def _gallery(result: dict, items: Sequence[dict], limit: int, px: int) -> str:
