@@ -30,7 +30,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,38 +129,60 @@ def resolve_source(source: str | os.PathLike, kind: str, revision: str | None = 
     ``HF_HUB_OFFLINE=1`` are honoured; only the files the loader needs are fetched.
     """
     path = Path(source).expanduser()
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{kind.upper()} checkpoint {str(source)!r} is a file; expected a directory (or a hub id)")
+
+    def complete(local: Path) -> bool:
+        return kind != "ict" or first_existing(local, (WEIGHTS_SAFETENSORS, *RELEASED_WEIGHTS)) is not None
+
+    return fetch_directory(source, f"{kind.upper()} checkpoint", _HUB_PATTERNS[kind], revision, complete,
+                           alternative=" (or 'tiny-random' for an untrained offline demo)")
+
+
+def fetch_directory(
+    source: str | os.PathLike,
+    what: str,
+    patterns: Sequence[Sequence[str]],
+    revision: str | None = None,
+    complete: Callable[[Path], bool] | None = None,
+    alternative: str = "",
+) -> Path:
+    """A local directory for ``source``: an existing directory, or a hub id fetched with
+    ``huggingface_hub.snapshot_download`` (its cache, ``HF_HOME`` and ``HF_HUB_OFFLINE=1`` honoured).
+
+    Only files matching ``patterns`` are fetched; each pattern list is tried in turn until ``complete``
+    accepts the directory (e.g. safetensors first, the ``.bin`` only when there is no safetensors file).
+    ``what`` names the checkpoint in errors; ``alternative`` is added to the hint of a failed download.
+    """
+    path = Path(source).expanduser()
     if path.is_dir():
         return path
     src = str(source)
-    if path.exists():
-        raise CheckpointError(f"{kind.upper()} checkpoint {src!r} is a file; expected a directory (or a hub id)")
     if not looks_like_hub_id(src):
-        raise CheckpointError(
-            f"{kind.upper()} checkpoint {src!r} is neither an existing directory nor a hub id of the form 'owner/name'"
-        )
+        raise CheckpointError(f"{what} {src!r} is neither an existing directory nor a hub id of the form 'owner/name'")
     from huggingface_hub import snapshot_download
 
     try:
-        for patterns in _HUB_PATTERNS[kind]:
-            local = Path(snapshot_download(repo_id=src, revision=revision, allow_patterns=patterns))
-            if kind != "ict" or _first_existing(local, (WEIGHTS_SAFETENSORS, *RELEASED_WEIGHTS)):
-                return local
+        local = None
+        for allow in patterns:
+            local = Path(snapshot_download(repo_id=src, revision=revision, allow_patterns=list(allow)))
+            if complete is None or complete(local):
+                break
+        assert local is not None
         return local
-    except Exception as exc:  # network, offline cache miss, gated repo...
+    except Exception as exc:  # network, offline cache miss, gated repository...
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
-        hint = (
-            "HF_HUB_OFFLINE is set and the files are not in the local cache"
-            if offline
-            else "the hub could not be reached and the files are not in the local cache"
-        )
+        hint = ("HF_HUB_OFFLINE is set and the files are not in the local cache" if offline
+                else "the hub could not be reached and the files are not in the local cache")
         raise CheckpointError(
-            f"could not get {kind.upper()} checkpoint {src!r} from the Hugging Face hub ({hint}): "
-            f"{type(exc).__name__}: {exc}. Download it where there is network (e.g. `hf download {src} "
-            f"--local-dir DIR`) and pass the directory instead (or 'tiny-random' for an untrained offline demo)."
+            f"could not get {what} {src!r} from the Hugging Face hub ({hint}): {type(exc).__name__}: {exc}. "
+            f"Download it where there is network (e.g. `hf download {src} --local-dir DIR`) and pass the "
+            f"directory instead{alternative}."
         ) from exc
 
 
-def _first_existing(directory: Path, names: Iterable[str]) -> Path | None:
+def first_existing(directory: Path, names: Iterable[str]) -> Path | None:
+    """The first of ``names`` that is a file in ``directory``, or None."""
     for name in names:
         if (directory / name).is_file():
             return directory / name
@@ -339,7 +361,7 @@ def load_ict(
     meta = _read_metadata(directory)
     if meta.get("kind") not in (None, "ict"):
         raise CheckpointError(f"{directory} holds a {meta['kind'].upper()} checkpoint, not an ICT one")
-    weights = _first_existing(directory, (WEIGHTS_SAFETENSORS, *RELEASED_WEIGHTS))
+    weights = first_existing(directory, (WEIGHTS_SAFETENSORS, *RELEASED_WEIGHTS))
     if weights is None:
         if (directory / "hp_backbone").is_dir():
             raise CheckpointError(f"{directory} looks like an HP checkpoint (hp_backbone/), not an ICT one")
@@ -408,13 +430,13 @@ def load_hp(
     else:
         backbone_dir, scorer_dir = directory / "hp_backbone", directory / "hp_scorer"
         if not backbone_dir.is_dir() or not scorer_dir.is_dir():
-            hint = " (it looks like an ICT checkpoint)" if _first_existing(directory, RELEASED_WEIGHTS) else ""
+            hint = " (it looks like an ICT checkpoint)" if first_existing(directory, RELEASED_WEIGHTS) else ""
             raise CheckpointError(
                 f"no HP checkpoint in {directory}{hint}: expected hp_backbone/pytorch_model.bin and "
                 f"hp_scorer/mlp_pytorch_model.bin (released layout) or model.safetensors + {METADATA_FILE} (icthp)"
             )
-        bb_file = _first_existing(backbone_dir, (*RELEASED_WEIGHTS, WEIGHTS_SAFETENSORS))
-        mlp_file = _first_existing(scorer_dir, RELEASED_MLP_WEIGHTS)
+        bb_file = first_existing(backbone_dir, (*RELEASED_WEIGHTS, WEIGHTS_SAFETENSORS))
+        mlp_file = first_existing(scorer_dir, RELEASED_MLP_WEIGHTS)
         if bb_file is None or mlp_file is None:
             raise CheckpointError(
                 f"incomplete HP checkpoint in {directory}: backbone weights {'found' if bb_file else 'MISSING'} "

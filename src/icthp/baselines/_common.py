@@ -9,7 +9,7 @@ import logging
 import math
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,8 @@ from ..checkpoints import (
     _assign,
     _float_dtype,
     check_keys,
-    looks_like_hub_id,
+    fetch_directory,
+    first_existing,
     read_state_dict,
     resolve_dtype,
 )
@@ -162,48 +163,6 @@ class PromptCache:
 # --------------------------------------------------------------------------------------------- locating
 
 
-def resolve_directory(
-    source: str | os.PathLike,
-    what: str,
-    patterns: Sequence[Sequence[str]],
-    revision: str | None = None,
-    complete: Callable[[Path], bool] | None = None,
-) -> Path:
-    """A local directory for ``source``: an existing directory, or a hub id fetched with
-    ``huggingface_hub.snapshot_download`` (its cache, ``HF_HOME`` and ``HF_HUB_OFFLINE=1`` honoured).
-
-    Only files matching ``patterns`` are fetched; each pattern list is tried in turn until ``complete``
-    accepts the directory (e.g. safetensors first, the ``.bin`` only when there is no safetensors file).
-    """
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return path
-    src = str(source)
-    if not looks_like_hub_id(src):
-        raise CheckpointError(
-            f"{what}: {src!r} is neither an existing directory nor a hub id of the form 'owner/name'"
-        )
-    from huggingface_hub import snapshot_download
-
-    try:
-        local = None
-        for allow in patterns:
-            local = Path(snapshot_download(repo_id=src, revision=revision, allow_patterns=list(allow)))
-            if complete is None or complete(local):
-                break
-        assert local is not None
-        return local
-    except Exception as exc:  # network, offline cache miss, gated repository...
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
-        hint = ("HF_HUB_OFFLINE is set and the files are not in the local cache" if offline
-                else "the hub could not be reached and the files are not in the local cache")
-        raise CheckpointError(
-            f"could not get {what} {src!r} from the Hugging Face hub ({hint}): {type(exc).__name__}: {exc}. "
-            f"Download it where there is network (e.g. `hf download {src} --local-dir DIR`) and pass the "
-            "directory instead."
-        ) from exc
-
-
 def resolve_file(
     source: str | os.PathLike,
     names: Sequence[str],
@@ -216,19 +175,12 @@ def resolve_file(
     path = Path(source).expanduser()
     if path.is_file():
         return path
-    directory = resolve_directory(source, what, [[n] for n in names], revision,
+    directory = fetch_directory(source, what, [[n] for n in names], revision,
                                   complete=lambda d: first_existing(d, names) is not None)
     found = first_existing(directory, names)
     if found is None:
         raise CheckpointError(f"no {what} weights in {directory}: expected {' or '.join(names)}")
     return found
-
-
-def first_existing(directory: Path, names: Iterable[str]) -> Path | None:
-    for name in names:
-        if (directory / name).is_file():
-            return directory / name
-    return None
 
 
 def read_json(path: Path) -> dict[str, Any]:

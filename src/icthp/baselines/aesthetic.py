@@ -21,7 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoints import CheckpointInfo, _float_dtype, check_keys, read_state_dict
+from ..checkpoints import (
+    CheckpointInfo,
+    _float_dtype,
+    check_keys,
+    fetch_directory,
+    first_existing,
+    read_state_dict,
+)
 from ..modeling import HPHead, architecture_dict, clip_config
 from ..preprocess import PreprocessConfig
 from ._common import (
@@ -30,12 +37,10 @@ from ._common import (
     BaselineScorer,
     CLIPVision,
     expected_shapes,
-    first_existing,
     is_untrained,
     load_clip,
     random_clip,
     random_state,
-    resolve_directory,
     resolve_file,
     save_clip_directory,
     write_marker,
@@ -89,7 +94,7 @@ class AestheticScorer(BaselineScorer):
         if clip is None:
             local = mlp_file.parent / "clip"
             clip = local if (local / "config.json").is_file() else cls.default_clip
-        clip_dir = resolve_directory(clip, "CLIP", CLIP_HUB_PATTERNS, None,
+        clip_dir = fetch_directory(clip, "CLIP", CLIP_HUB_PATTERNS, None,
                                      complete=lambda d: first_existing(d, CLIP_WEIGHTS) is not None)
         vision, cfg, clip_weights, file_dtype = load_clip(clip_dir, "CLIP", device=device, dtype=dtype,
                                                           vision_only=True)

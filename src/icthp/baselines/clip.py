@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoints import CheckpointInfo
+from ..checkpoints import CheckpointInfo, fetch_directory, first_existing
 from ..errors import CheckpointError
 from ..modeling import architecture_dict, clip_config, vision_features
 from ..preprocess import PreprocessConfig
@@ -34,12 +34,10 @@ from ._common import (
     PromptCache,
     clip_text_features,
     context_length,
-    first_existing,
     is_untrained,
     load_clip,
     random_clip,
     read_json,
-    resolve_directory,
     save_clip_directory,
     write_marker,
 )
@@ -108,7 +106,7 @@ class CLIPCosineScorer(BaselineScorer):
 
 
 def _load_clip_dir(source, what: str, device, dtype, revision) -> tuple[nn.Module, CheckpointInfo, Path]:
-    directory = resolve_directory(source, what, CLIP_HUB_PATTERNS, revision,
+    directory = fetch_directory(source, what, CLIP_HUB_PATTERNS, revision,
                                   complete=lambda d: first_existing(d, CLIP_WEIGHTS) is not None)
     model, cfg, weights, file_dtype = load_clip(directory, what, device=device, dtype=dtype)
     info = CheckpointInfo(what.lower(), str(source), str(directory), "released", cfg, file_dtype,

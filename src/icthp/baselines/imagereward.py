@@ -39,7 +39,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoints import CheckpointInfo, _assign, _float_dtype, check_keys, read_state_dict, resolve_dtype
+from ..checkpoints import (
+    CheckpointInfo,
+    _assign,
+    _float_dtype,
+    check_keys,
+    fetch_directory,
+    read_state_dict,
+    resolve_dtype,
+)
 from ..errors import CheckpointError
 from ..modeling import HPHead
 from ..preprocess import PreprocessConfig
@@ -49,7 +57,6 @@ from ._common import (
     is_untrained,
     random_state,
     read_json,
-    resolve_directory,
     write_marker,
 )
 
@@ -403,7 +410,7 @@ def load_bert_tokenizer(source: str | os.PathLike | None = None, checkpoint_dir:
     if directory is None:
         name = str(source or BERT_TOKENIZER)
         try:
-            directory = resolve_directory(name, "BERT tokenizer", [_TOKENIZER_FILES], revision)
+            directory = fetch_directory(name, "BERT tokenizer", [_TOKENIZER_FILES], revision)
         except CheckpointError as exc:
             raise CheckpointError(
                 f"{exc} ImageReward tokenises prompts with BERT's bert-base-uncased WordPiece vocabulary, which "
@@ -427,7 +434,7 @@ def _locate(source: str | os.PathLike, revision: str | None) -> Path:
     path = Path(source).expanduser()
     if path.is_file():
         return path
-    directory = resolve_directory(source, "ImageReward", [[WEIGHTS_FILE, MED_CONFIG_FILE]], revision)
+    directory = fetch_directory(source, "ImageReward", [[WEIGHTS_FILE, MED_CONFIG_FILE]], revision)
     if not (directory / WEIGHTS_FILE).is_file():
         raise CheckpointError(f"no ImageReward weights in {directory}: expected {WEIGHTS_FILE} + {MED_CONFIG_FILE}")
     return directory / WEIGHTS_FILE
