@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from _hub import fake_hub_cache
 from icthp.baselines import (
     write_random_aesthetic,
     write_random_clip,
@@ -20,14 +21,6 @@ from icthp.baselines import (
 )
 
 BERT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "cat"]
-
-
-def _fake_cache(cache: Path, repo: str, files_from: Path, commit: str) -> None:
-    """Lay out a repository in the hub cache as huggingface_hub stores a download."""
-    root = cache / f"models--{repo.replace('/', '--')}"
-    (root / "refs").mkdir(parents=True)
-    (root / "refs" / "main").write_text(commit)
-    shutil.copytree(files_from, root / "snapshots" / commit)
 
 
 def test_default_hub_ids_load_offline_from_the_cache(tmp_path):
@@ -50,7 +43,7 @@ def test_default_hub_ids_load_offline_from_the_cache(tmp_path):
     }
     cache = tmp_path / "hub"
     for i, (repo, files) in enumerate(repos.items()):
-        _fake_cache(cache, repo, files, f"{i:040d}")
+        fake_hub_cache(cache, repo, files, f"{i:040d}")
     code = (
         "import json, torch\n"
         "from icthp.baselines import BASELINES, load_baseline\n"

@@ -4,27 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
+from _hub import fake_hub_cache
 from icthp.presets import write_tiny_preset
-
-
-def _fake_cache(cache: Path, repo: str, files_from: Path, commit: str) -> None:
-    """Lay out a repo in the hub cache exactly as huggingface_hub stores a download."""
-    root = cache / f"models--{repo.replace('/', '--')}"
-    (root / "refs").mkdir(parents=True)
-    (root / "refs" / "main").write_text(commit)
-    shutil.copytree(files_from, root / "snapshots" / commit)
 
 
 def test_default_hub_ids_load_offline_from_the_cache(tmp_path):
     weights = write_tiny_preset(tmp_path / "weights", seed=3)
     cache = tmp_path / "hub"
-    _fake_cache(cache, "8y/ICT", weights / "ict", "a" * 40)
-    _fake_cache(cache, "8y/HP", weights / "hp", "b" * 40)
+    fake_hub_cache(cache, "8y/ICT", weights / "ict", "a" * 40)
+    fake_hub_cache(cache, "8y/HP", weights / "hp", "b" * 40)
     code = (
         "import json, icthp;"
         "s = icthp.load('ict-hp');"  # default sources: 8y/ICT and 8y/HP
