@@ -340,13 +340,16 @@ class Scorer:
 
         On CPU the forward runs in micro-batches of :attr:`cpu_micro_batch` images (same results).
         """
+        return self.in_micro_batches(self._components, inputs, prompts)
+
+    def in_micro_batches(self, fn, inputs: torch.Tensor, prompts: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """``fn(inputs, prompts) -> {name: Tensor[b, ...]}`` over :attr:`cpu_micro_batch`-image slices on CPU
+        (the whole batch elsewhere), the results concatenated."""
         step = self.cpu_micro_batch if self.device.type == "cpu" else None
         if not step or inputs.shape[0] <= step:
-            return self._components(inputs, prompts)
-        parts = [
-            self._components(inputs[i : i + step], None if prompts is None else prompts[i : i + step])
-            for i in range(0, inputs.shape[0], step)
-        ]
+            return fn(inputs, prompts)
+        parts = [fn(inputs[i : i + step], None if prompts is None else prompts[i : i + step])
+                 for i in range(0, inputs.shape[0], step)]
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
     def compile(self, **kwargs) -> Scorer:

@@ -127,6 +127,18 @@ class EmbeddingCache:
                 out[key if prompts is not None else key[0]] = row
         return out
 
+    def present(self, model: str, keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Which ``(image, prompt)`` keys have entries (read without their data: a cheap check)."""
+        found: set[tuple[str, str]] = set()
+        chunk = 400
+        for start in range(0, len(keys), chunk):
+            part = keys[start : start + chunk]
+            where = " OR ".join(["(image = ? AND prompt = ?)"] * len(part))
+            rows = self._db.execute(f"SELECT DISTINCT image, prompt FROM entries WHERE model = ? AND ({where})",
+                                    [model] + [x for k in part for x in k]).fetchall()
+            found.update(rows)
+        return found
+
     def put(self, model: str, images: Sequence[str], values: dict[str, torch.Tensor],
             prompts: Sequence[str] | None = None) -> None:
         """Store row ``i`` of every tensor in ``values`` for ``images[i]`` (one transaction)."""

@@ -152,27 +152,6 @@ def _owner(key: str, world: int) -> int:
     return int(key[:8], 16) % world
 
 
-def _wait_for(cache: EmbeddingCache, mkey: str, images: list[str], prompts: list[str] | None, timeout_s: float) -> None:
-    """Wait until the other processes have stored every entry (their shares of the work)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        have = cache.get(mkey, images, prompts)
-        if len(have) >= len(set(zip(images, prompts, strict=True)) if prompts is not None else set(images)):
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"other processes did not store their {len(images) - len(have)} missing entries "
-                               f"within {timeout_s:.0f} s (did one of them fail?)")
-        time.sleep(0.5)
-
-
-def _micro(fn: Callable[[torch.Tensor], dict], inputs: torch.Tensor, scorer: Scorer) -> dict[str, torch.Tensor]:
-    step = scorer.cpu_micro_batch if scorer.device.type == "cpu" else None
-    if not step or inputs.shape[0] <= step:
-        return fn(inputs)
-    parts = [fn(inputs[i : i + step]) for i in range(0, inputs.shape[0], step)]
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-
-
 class _Images:
     """Distinct images of a dataset by content hash, with one source (path or bytes) each."""
 
@@ -202,37 +181,38 @@ class _Images:
         return self.hash_of[image if isinstance(image, str) else bytes(image)]
 
 
-def _compute_states(scorer: Scorer, mkey: str, hashes: list[str], images: _Images, cache: EmbeddingCache,
-                    batch_size: int, num_workers: int | None, progress) -> int:
-    """Run the image towers on ``hashes`` (not cached yet) and store their state; returns images computed."""
-    done = 0
-    sources = [images.source[h] for h in hashes]
+def _fill_cache(model: Scorer, state: bool, mkey: str, keys: list[tuple[str, str]], images: _Images,
+                cache: EmbeddingCache, batch_size: int, workers: int, advance, rank: int, world: int,
+                wait_timeout_s: float) -> tuple[int, int]:
+    """Compute and store what ``keys`` (``(image hash, prompt)``; prompt ``""`` for image state) lack in the
+    cache: this process's share of it. With ``state`` the scorer's prompt-free :meth:`image_state` is stored,
+    otherwise its components per image and prompt. The main process then waits for the other shares.
+
+    Returns ``(cached before, computed here)``.
+    """
+    missing = [k for k in keys if k not in cache.present(mkey, keys)]
+    mine = [k for k in missing if _owner(k[0], world) == rank]
+    tick = advance(len(mine))
     with torch.inference_mode():
-        for batch in iter_batches(sources, scorer.preprocess, batch_size, num_workers):
+        for batch in iter_batches([images.source[h] for h, _ in mine], model.preprocess, batch_size, workers):
             if batch.errors:
                 raise batch.errors[0][1]
-            state = _micro(scorer.image_state, to_device(batch.pixel_values, scorer.device), scorer)
-            cache.put(mkey, [hashes[i] for i in batch.indices], state)
-            done += len(batch.indices)
-            progress(len(batch.indices))
-    return done
-
-
-def _compute_scores(scorer: Scorer, mkey: str, keys: list[tuple[str, str]], images: _Images, cache: EmbeddingCache,
-                    batch_size: int, num_workers: int | None, progress) -> int:
-    """Score (image, prompt) pairs not cached yet with the full model; stores the components per pair."""
-    done = 0
-    sources = [images.source[h] for h, _ in keys]
-    with torch.inference_mode():
-        for batch in iter_batches(sources, scorer.preprocess, batch_size, num_workers):
-            if batch.errors:
-                raise batch.errors[0][1]
-            prompts = [keys[i][1] for i in batch.indices] if scorer.needs_prompt else None
-            comps = scorer.components(to_device(batch.pixel_values, scorer.device), prompts)
-            cache.put(mkey, [keys[i][0] for i in batch.indices], comps, prompts=[keys[i][1] for i in batch.indices])
-            done += len(batch.indices)
-            progress(len(batch.indices))
-    return done
+            sub = [mine[i] for i in batch.indices]
+            x = to_device(batch.pixel_values, model.device)
+            if state:
+                values = model.in_micro_batches(lambda xs, _: model.image_state(xs), x)
+            else:
+                values = model.components(x, [p for _, p in sub] if model.needs_prompt else None)
+            cache.put(mkey, [h for h, _ in sub], values, prompts=[p for _, p in sub])
+            tick(len(sub))
+    if world > 1 and rank == 0:
+        deadline = time.monotonic() + wait_timeout_s
+        while len(still := [k for k in missing if k not in cache.present(mkey, missing)]) > 0:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"other processes did not store their {len(still)} missing entries "
+                                   f"within {wait_timeout_s:.0f} s (did one of them fail?)")
+            time.sleep(0.5)
+    return len(keys) - len(missing), len(mine)
 
 
 def _item_components(scorer: Scorer, mkey: str | None, items: Sequence[BenchItem], images: _Images,
@@ -357,30 +337,19 @@ def run_bench(
         for name, scorer in scorers.items():
             entries = cached = computed = 0
             if scorer.has_image_state:
-                for part in state_parts(scorer):
-                    mkey = model_key(part)
-                    wanted = list(images.source)
-                    have = cache.get(mkey, wanted)
-                    missing = [h for h in wanted if h not in have]
-                    mine = [h for h in missing if _owner(h, world) == rank]
-                    computed += _compute_states(part, mkey, mine, images, cache, batch_size, workers,
-                                                progress(f"{name}: {part.name} images", len(mine)))
-                    entries, cached = entries + len(wanted), cached + len(wanted) - len(missing)
-                    if world > 1 and rank == 0:
-                        _wait_for(cache, mkey, wanted, None, wait_timeout_s)
+                jobs = [(part, True, model_key(part), [(h, "") for h in images.source], f"{name}: {part.name} images")
+                        for part in state_parts(scorer)]
                 mkey = None
             else:
                 mkey = model_key(scorer)
                 keys = list(dict.fromkeys((images.key(im), item.prompt if scorer.needs_prompt else "")
                                           for item in items for im in item.images))
-                have = cache.get(mkey, [k[0] for k in keys], [k[1] for k in keys])
-                missing = [k for k in keys if k not in have]
-                mine = [k for k in missing if _owner(k[0], world) == rank]
-                computed = _compute_scores(scorer, mkey, mine, images, cache, batch_size, workers,
-                                           progress(f"{name}: image-prompt pairs", len(mine)))
-                entries, cached = len(keys), len(keys) - len(missing)
-                if world > 1 and rank == 0:
-                    _wait_for(cache, mkey, [k[0] for k in keys], [k[1] for k in keys], wait_timeout_s)
+                jobs = [(scorer, False, mkey, keys, f"{name}: image-prompt pairs")]
+            for model, state, key, wanted, label in jobs:
+                before, done = _fill_cache(model, state, key, wanted, images, cache, batch_size, workers,
+                                           lambda total, label=label: progress(label, total), rank, world,
+                                           wait_timeout_s)
+                entries, cached, computed = entries + len(wanted), cached + before, computed + done
             stats[name] = {"entries": entries, "cached": cached, "computed": computed}
             if rank == 0:
                 components[name] = _item_components(scorer, mkey, items, images, cache)
