@@ -184,7 +184,7 @@ def score(
     scorer = load(model.value, ict=ict, hp=hp, device=dev, dtype=_dtype(dtype, dev), revision=revision)
     if compile_models:
         scorer.compile()
-    infos = [s.info for s in (getattr(scorer, "ict", None), getattr(scorer, "hp", None), scorer) if hasattr(s, "info")]
+    infos = scorer.checkpoints()
     untrained = any(i.untrained for i in infos)
     for i in infos:
         err.print(("[bold red]" if i.untrained else "[dim]") + i.describe() + "[/]")
@@ -420,8 +420,7 @@ def bench(
         else:
             scorer = load(name, ict=ict if name != "hp" else None, hp=hp if name != "ict" else None, device=dev,
                           dtype=dt)
-        infos = [i for i in (getattr(scorer, "info", None), getattr(getattr(scorer, "ict", None), "info", None),
-                             getattr(getattr(scorer, "hp", None), "info", None)) if i is not None]
+        infos = scorer.checkpoints()
         scorers[name] = scorer
         descriptions[name] = {"source": " + ".join(i.source for i in infos),
                               "untrained": any(i.untrained for i in infos),

@@ -331,6 +331,11 @@ class Scorer:
     def _group_scores(self, fn, images, prompt) -> torch.Tensor:
         return fn(images, prompt)
 
+    def checkpoints(self) -> list[CheckpointInfo]:
+        """Where this scorer's weights came from (one entry per checkpoint; ICT-HP has two)."""
+        info = getattr(self, "info", None)
+        return [info] if info is not None else []
+
     def _scores(self, columns: dict[str, torch.Tensor]):
         """The result object of ``score_all`` / ``score_images_all`` (baselines return their own columns)."""
         return Scores(**columns)
@@ -591,6 +596,9 @@ class ICTHPScorer(Scorer):
 
     def _image_towers(self) -> list[torch.nn.Module]:
         return self.ict._image_towers() + self.hp._image_towers()
+
+    def checkpoints(self) -> list[CheckpointInfo]:
+        return self.ict.checkpoints() + self.hp.checkpoints()
 
     def _group_scores(self, fn, images, prompt) -> torch.Tensor:
         s = self.score_images_all(images, prompt) if fn == self.score_images else self.score_all(images, prompt)

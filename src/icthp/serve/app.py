@@ -57,12 +57,10 @@ class ServedModels:
             self.columns += list(b.component_names)
         self.needs_prompt = scorer.needs_prompt or any(b.needs_prompt for b in self.baselines.values())
         self.preprocess_configs = list(dict.fromkeys([scorer.preprocess] + [b.preprocess for b in self.baselines.values()]))
-        self.infos = _infos(scorer)
-        self.baseline_infos = {bname: _infos(b) for bname, b in self.baselines.items()}
 
     @property
     def untrained(self) -> bool:
-        return any(i.untrained for i in self.infos + [i for v in self.baseline_infos.values() for i in v])
+        return any(i.untrained for s in (self.scorer, *self.baselines.values()) for i in s.checkpoints())
 
     def run_batch(self, inputs: dict, prompts: list[str] | None) -> dict[str, torch.Tensor]:
         """Model forwards for one packed batch (called in the model thread)."""
@@ -88,16 +86,11 @@ class ServedModels:
             "device": str(self.scorer.device),
             "dtype": str(self.scorer.dtype).replace("torch.", ""),
             "image_size": self.preprocess.size,
-            "components": components(self.infos),
+            "components": components(self.scorer.checkpoints()),
             "baselines": [{"name": bname, "columns": list(b.component_names), "main": b.main_component,
-                           "components": components(self.baseline_infos[bname])}
+                           "components": components(b.checkpoints())}
                           for bname, b in self.baselines.items()],
         }
-
-
-def _infos(scorer: Scorer) -> list:
-    infos = [getattr(s, "info", None) for s in (scorer, getattr(scorer, "ict", None), getattr(scorer, "hp", None))]
-    return [i for i in infos if i is not None]
 
 
 def load_models(config: ServeConfig) -> ServedModels:
