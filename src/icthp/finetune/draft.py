@@ -180,7 +180,7 @@ class DraftSampler:
             v = self.predict(x_t, t, cond, scheduler)
             x0 = self._final(x_t, v, t, scheduler)
         images = []
-        for j in range(self.lv):
+        for _ in range(self.lv):
             noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0.device)
             if self.kind == "sd3":
                 noised = scheduler.scale_noise(x0, t.reshape(1), noise)
@@ -190,7 +190,6 @@ class DraftSampler:
                 self.on_step(len(scheduler.timesteps) - 1, True)
             v = self.predict(noised.float(), t, cond, scheduler)
             images.append(self.decode(self._final(noised.float(), v, t, scheduler)))
-            del j
         return torch.stack(images).mean(0)
 
     def _final(self, x_t, v, t, scheduler) -> torch.Tensor:

@@ -320,6 +320,7 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, pipe=None, reward: Re
     sampler = DraftSampler(pipe, num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
                            height=cfg.resolution, width=cfg.resolution, k=cfg.k, lv=cfg.lv)
     sampler.denoiser = denoiser  # the (possibly DDP-wrapped) module the optimiser sees
+    sampler.regularize = cfg.kl_weight > 0
 
     state = {"step": 0, "best_monitor": -math.inf, "evals_since_best": 0, "stopped_early": False}
     latest = sorted(ckpt_root.glob("step-*"))
@@ -390,7 +391,6 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, pipe=None, reward: Re
             prompts = prompt_batch(train_prompts, micro_step, cfg.batch_size, rank, world, cfg.seed)
             generator = torch.Generator().manual_seed(cfg.seed * 7_919 + micro_step * world + rank)
             with accelerator.accumulate(denoiser):
-                sampler.regularize = cfg.kl_weight > 0
                 images = sampler.sample(prompts, generator)
                 r = reward(images, prompts)
                 clipped = r.clamp(min=cfg.reward_clip_min, max=cfg.reward_clip_max) \
@@ -403,7 +403,8 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, pipe=None, reward: Re
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
-                scheduler.step() if accelerator.sync_gradients else None
+                if accelerator.sync_gradients:
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             rewards.append(accelerator.gather(r.detach().float()).cpu())
         state["step"] = step = step + 1
