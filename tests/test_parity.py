@@ -114,3 +114,48 @@ def test_single_component_scorers_match_released_evaluation(reference_scores, de
     hp = icthp.load("hp", hp="tiny-random").score_images(paths)
     torch.testing.assert_close(ict, reference_scores["ict"], rtol=0, atol=TOL)
     torch.testing.assert_close(hp, reference_scores["hp"], rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_pooled_image_output_equals_the_plain_vision_forward(train):
+    # icthp computes only the class token in CLIP's last layer (what pooler_output depends on); values and
+    # input gradients must equal transformers' full forward.
+    from icthp.modeling import CLIPVision, architecture_dict, clip_config, pooled_image_output
+
+    torch.manual_seed(0)
+    vision = CLIPVision(clip_config(architecture_dict("clip-tiny"))).train(train)
+    tower = vision.vision_model
+    pixels = torch.rand(3, 3, 224, 224, requires_grad=True)
+    weights = torch.randn(tower.post_layernorm.normalized_shape[0])
+
+    got = pooled_image_output(tower, pixels)
+    (grad_got,) = torch.autograd.grad(got @ weights, pixels, torch.ones(3))
+    want = tower(pixel_values=pixels).pooler_output
+    (grad_want,) = torch.autograd.grad(want @ weights, pixels, torch.ones(3))
+
+    assert want.std() > 1e-2 and grad_want.abs().max() > 1e-6
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(grad_got, grad_want, rtol=0, atol=1e-4 * grad_want.abs().max().item())
+
+
+def test_pooled_image_output_keeps_gradient_checkpointing():
+    from icthp.modeling import CLIPVision, architecture_dict, clip_config, pooled_image_output
+    from icthp.train import enable_gradient_checkpointing
+
+    torch.manual_seed(0)
+    vision = CLIPVision(clip_config(architecture_dict("clip-tiny"))).train()
+    pixels = torch.rand(2, 3, 224, 224)
+    calls = []
+    handle = vision.vision_model.encoder.layers[-1].register_forward_hook(lambda *_: calls.append(1))
+    plain = pooled_image_output(vision.vision_model, pixels)
+    assert calls == []  # the class-token path never runs the whole last layer
+    enable_gradient_checkpointing(vision)
+    out = pooled_image_output(vision.vision_model, pixels)
+    # With checkpointing on and gradients recorded, transformers' own forward (which checkpoints) runs.
+    assert calls
+    torch.testing.assert_close(out, plain, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        calls.clear()
+        pooled_image_output(vision.vision_model, pixels)
+    handle.remove()
+    assert calls == []  # nothing to checkpoint without gradients: the class-token path again

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import inspect
 import json
+import weakref
 from importlib import resources
 from typing import Any
 
@@ -179,8 +182,88 @@ def build_hp(cfg, device: str | torch.device = "meta") -> HPModel:
 def vision_features(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """Projected image features ``[B, P]`` of a module with ``vision_model`` and ``visual_projection``."""
     dtype = model.visual_projection.weight.dtype
-    pooled = model.vision_model(pixel_values=pixel_values.to(dtype)).pooler_output
-    return model.visual_projection(pooled)
+    return model.visual_projection(pooled_image_output(model.vision_model, pixel_values.to(dtype)))
+
+
+def pooled_image_output(vision_model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """``vision_model(pixel_values).pooler_output``, computing only what the pooled output depends on.
+
+    CLIP pools the class token of the last layer, so that layer needs keys and values of every token but
+    queries, attention output and MLP of the class token alone: the last layer shrinks to about a sixth,
+    the same arithmetic otherwise (differences are float reassociation, ~1e-7). Measured ~15% faster for
+    a ViT-B/16 tower in float32 on CPU (benchmarks/bench_score.py). The plain forward is used where this
+    would bypass something attached to it: a ``torch.compile``-d tower, or gradient checkpointing while
+    gradients are recorded (transformers 4.4x checkpoints in the encoder loop, not in the layers).
+
+    Example:
+        >>> vision = CLIPVision(clip_config(architecture_dict("clip-tiny"))).eval()
+        >>> x = torch.rand(2, 3, 224, 224)
+        >>> full = vision.vision_model(pixel_values=x).pooler_output
+        >>> torch.allclose(pooled_image_output(vision.vision_model, x), full, atol=1e-5)
+        True
+    """
+    encoder = vision_model.encoder
+    if (getattr(vision_model, "_compiled_call_impl", None) is not None
+            or (getattr(encoder, "gradient_checkpointing", False) and torch.is_grad_enabled())
+            or not all(hasattr(vision_model, a) for a in ("embeddings", "pre_layrnorm", "post_layernorm"))):
+        return vision_model(pixel_values=pixel_values).pooler_output
+    compiled = _COMPILED.get(vision_model)
+    if compiled is not None:
+        return compiled(vision_model, pixel_values)
+    return _class_token_forward(vision_model, pixel_values)
+
+
+def compile_vision_tower(vision_model: nn.Module, **kwargs) -> None:
+    """``torch.compile`` the class-token forward of :func:`pooled_image_output` for this tower.
+
+    ``kwargs`` go to ``torch.compile``. Compiling the tower's own ``forward`` instead would compile the
+    full last layer this module avoids.
+
+    Example:
+        >>> vision = CLIPVision(clip_config(architecture_dict("clip-tiny"))).eval()
+        >>> compile_vision_tower(vision.vision_model)  # doctest: +SKIP
+    """
+    _COMPILED[vision_model] = torch.compile(_class_token_forward, **kwargs)
+
+
+# Compiled forwards per tower (weak keys: a tower's entry goes with the tower).
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _class_token_forward(vision_model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    encoder = vision_model.encoder
+    hidden = vision_model.pre_layrnorm(vision_model.embeddings(pixel_values))
+    layers = encoder.layers
+    for layer in layers[:-1]:
+        hidden = _run_layer(layer, hidden)
+    last = layers[-1]
+    attn = last.self_attn
+    x = last.layer_norm1(hidden)
+    b, n, d = x.shape
+    heads, head_dim = attn.num_heads, attn.head_dim
+    q = attn.q_proj(x[:, :1]).view(b, 1, heads, head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(b, n, heads, head_dim).transpose(1, 2)
+    v = attn.v_proj(x).view(b, n, heads, head_dim).transpose(1, 2)
+    dropout = attn.dropout if attn.training else 0.0
+    out = nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=attn.scale)
+    cls = hidden[:, 0] + attn.out_proj(out.reshape(b, d))
+    cls = cls + last.mlp(last.layer_norm2(cls))
+    return vision_model.post_layernorm(cls)
+
+
+def _run_layer(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    # transformers 4.x: layer(hidden, attention_mask, causal_attention_mask) -> (hidden,);
+    # 5.x: layer(hidden, attention_mask) -> hidden.
+    if _takes_causal_mask(type(layer)):
+        out = layer(hidden, None, None)
+    else:
+        out = layer(hidden, None)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@functools.cache
+def _takes_causal_mask(layer_type: type) -> bool:
+    return "causal_attention_mask" in inspect.signature(layer_type.forward).parameters
 
 
 def text_features(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
