@@ -360,7 +360,8 @@ class Scorer:
     def compile(self, **kwargs) -> Scorer:
         """``torch.compile`` the image towers in place (optional; first batches of each size compile).
 
-        Measured +17% images/s for a ViT-B/16 tower in float32 on CPU, same scores to ~1e-6
+        CLIP towers compile the class-token path of :func:`icthp.modeling.pooled_image_output`. Measured
+        ~5% more images/s end to end for ViT-B/16 towers in float32 on CPU, same scores to ~1e-6
         (benchmarks/bench_score.py); worth it for long jobs, not for a few images.
         """
         from .modeling import compile_vision_tower
