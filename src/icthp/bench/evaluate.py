@@ -190,7 +190,7 @@ def _fill_cache(model: Scorer, state: bool, mkey: str, keys: list[tuple[str, str
 
     Returns ``(cached before, computed here)``.
     """
-    missing = [k for k in keys if k not in cache.present(mkey, keys)]
+    missing = _absent(cache, mkey, keys)
     mine = [k for k in missing if _owner(k[0], world) == rank]
     tick = advance(len(mine))
     with torch.inference_mode():
@@ -207,12 +207,17 @@ def _fill_cache(model: Scorer, state: bool, mkey: str, keys: list[tuple[str, str
             tick(len(sub))
     if world > 1 and rank == 0:
         deadline = time.monotonic() + wait_timeout_s
-        while len(still := [k for k in missing if k not in cache.present(mkey, missing)]) > 0:
+        while still := _absent(cache, mkey, missing):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"other processes did not store their {len(still)} missing entries "
                                    f"within {wait_timeout_s:.0f} s (did one of them fail?)")
             time.sleep(0.5)
     return len(keys) - len(missing), len(mine)
+
+
+def _absent(cache: EmbeddingCache, mkey: str, keys: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    have = cache.present(mkey, keys)  # one query for all keys, not one per key
+    return [k for k in keys if k not in have]
 
 
 def _item_components(scorer: Scorer, mkey: str | None, items: Sequence[BenchItem], images: _Images,
