@@ -163,13 +163,11 @@ def fetch_directory(
     from huggingface_hub import snapshot_download
 
     try:
-        local = None
         for allow in patterns:
             local = Path(snapshot_download(repo_id=src, revision=revision, allow_patterns=list(allow)))
             if complete is None or complete(local):
-                break
-        assert local is not None
-        return local
+                return local
+        return local  # the last pattern list's download, incomplete: the loader names what is missing
     except Exception as exc:  # network, offline cache miss, gated repository...
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
         hint = ("HF_HUB_OFFLINE is set and the files are not in the local cache" if offline

@@ -202,10 +202,9 @@ def pooled_image_output(vision_model: nn.Module, pixel_values: torch.Tensor) -> 
         >>> torch.allclose(pooled_image_output(vision.vision_model, x), full, atol=1e-5)
         True
     """
-    encoder = vision_model.encoder
-    if (getattr(vision_model, "_compiled_call_impl", None) is not None
-            or (getattr(encoder, "gradient_checkpointing", False) and torch.is_grad_enabled())
-            or not all(hasattr(vision_model, a) for a in ("embeddings", "pre_layrnorm", "post_layernorm"))):
+    if (not _is_clip_tower(vision_model)
+            or getattr(vision_model, "_compiled_call_impl", None) is not None
+            or (getattr(vision_model.encoder, "gradient_checkpointing", False) and torch.is_grad_enabled())):
         return vision_model(pixel_values=pixel_values).pooler_output
     compiled = _COMPILED.get(vision_model)
     if compiled is not None:
@@ -214,16 +213,25 @@ def pooled_image_output(vision_model: nn.Module, pixel_values: torch.Tensor) -> 
 
 
 def compile_vision_tower(vision_model: nn.Module, **kwargs) -> None:
-    """``torch.compile`` the class-token forward of :func:`pooled_image_output` for this tower.
+    """``torch.compile`` an image tower in place: for a CLIP tower the class-token forward of
+    :func:`pooled_image_output` (compiling its own ``forward`` would compile the full last layer this
+    module avoids), for any other module its ``forward``.
 
-    ``kwargs`` go to ``torch.compile``. Compiling the tower's own ``forward`` instead would compile the
-    full last layer this module avoids.
+    ``kwargs`` go to ``torch.compile``.
 
     Example:
         >>> vision = CLIPVision(clip_config(architecture_dict("clip-tiny"))).eval()
         >>> compile_vision_tower(vision.vision_model)  # doctest: +SKIP
     """
-    _COMPILED[vision_model] = torch.compile(_class_token_forward, **kwargs)
+    if _is_clip_tower(vision_model):
+        _COMPILED[vision_model] = torch.compile(_class_token_forward, **kwargs)
+    else:
+        vision_model.compile(**kwargs)
+
+
+def _is_clip_tower(module: nn.Module) -> bool:
+    # transformers' CLIP vision transformer (also the towers of PickScore, HPSv2 and the aesthetic model).
+    return all(hasattr(module, a) for a in ("embeddings", "pre_layrnorm", "encoder", "post_layernorm"))
 
 
 # Compiled forwards per tower (weak keys: a tower's entry goes with the tower).
@@ -231,9 +239,8 @@ _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _class_token_forward(vision_model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    encoder = vision_model.encoder
     hidden = vision_model.pre_layrnorm(vision_model.embeddings(pixel_values))
-    layers = encoder.layers
+    layers = vision_model.encoder.layers
     for layer in layers[:-1]:
         hidden = _run_layer(layer, hidden)
     last = layers[-1]

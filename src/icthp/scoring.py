@@ -367,10 +367,7 @@ class Scorer:
         from .modeling import compile_vision_tower
 
         for module in self._image_towers():
-            if hasattr(module, "post_layernorm"):  # a CLIP vision tower: compile what pooled_image_output runs
-                compile_vision_tower(module, **kwargs)
-            else:
-                module.compile(**kwargs)
+            compile_vision_tower(module, **kwargs)
         return self
 
     # -- split scoring: per-image state (cacheable, prompt-free) + the prompt-dependent rest

@@ -176,7 +176,7 @@ def resolve_file(
     if path.is_file():
         return path
     directory = fetch_directory(source, what, [[n] for n in names], revision,
-                                  complete=lambda d: first_existing(d, names) is not None)
+                                complete=lambda d: first_existing(d, names) is not None)
     found = first_existing(directory, names)
     if found is None:
         raise CheckpointError(f"no {what} weights in {directory}: expected {' or '.join(names)}")

@@ -95,7 +95,7 @@ class AestheticScorer(BaselineScorer):
             local = mlp_file.parent / "clip"
             clip = local if (local / "config.json").is_file() else cls.default_clip
         clip_dir = fetch_directory(clip, "CLIP", CLIP_HUB_PATTERNS, None,
-                                     complete=lambda d: first_existing(d, CLIP_WEIGHTS) is not None)
+                                   complete=lambda d: first_existing(d, CLIP_WEIGHTS) is not None)
         vision, cfg, clip_weights, file_dtype = load_clip(clip_dir, "CLIP", device=device, dtype=dtype,
                                                           vision_only=True)
         head_state = read_state_dict(mlp_file)

@@ -107,7 +107,7 @@ class CLIPCosineScorer(BaselineScorer):
 
 def _load_clip_dir(source, what: str, device, dtype, revision) -> tuple[nn.Module, CheckpointInfo, Path]:
     directory = fetch_directory(source, what, CLIP_HUB_PATTERNS, revision,
-                                  complete=lambda d: first_existing(d, CLIP_WEIGHTS) is not None)
+                                complete=lambda d: first_existing(d, CLIP_WEIGHTS) is not None)
     model, cfg, weights, file_dtype = load_clip(directory, what, device=device, dtype=dtype)
     info = CheckpointInfo(what.lower(), str(source), str(directory), "released", cfg, file_dtype,
                           is_untrained(directory), [str(weights)])
