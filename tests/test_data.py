@@ -253,11 +253,12 @@ def broken(tmp_path):
         row(win="corrupt.png"),                                  # 2 random bytes named .png
         row(refined="truncated.jpg"),                            # 3 truncated JPEG
         row(E2=1.7),                                             # 4 label above 1
-        row(R1=-0.2),                                            # 5 negative label
+        row(R1=1.5),                                             # 5 label above 1
         row(E1=0.8, E2=0.5, R1=0.4, R2=0.3),                     # 6 E1 > E2
         row(R1="DROP", R2="DROP"),                               # 7 partial labels
         row(R2=0.7),                                             # 8 R2 > E2
         row(E1="DROP", E2="DROP", R1="DROP", R2="DROP"),         # 9 unlabelled: fine
+        row(E1=-0.2, E2=0.1, R1=-0.15, R2=0.075),                # 10 negative cosines, no clamp: fine
     ]
     manifest = d / "broken.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -282,8 +283,8 @@ def test_validation_reports_each_problem_with_row_and_path(broken):
     manifest, paths = broken
     report = validate(manifest, num_workers=2)
     assert not report.ok
-    assert report.rows == 10 and report.images_checked == 30
-    assert report.labelled == 6  # rows 0-3, 6 and 8: four labels, all numbers in [0, 1]
+    assert report.rows == 11 and report.images_checked == 33
+    assert report.labelled == 7  # rows 0-3, 6, 8 and 10: four labels, all finite numbers <= 1
     found = {(p.row, p.kind, p.column) for p in report.examples}
     assert found == {(row, kind, col) for row, (kind, col) in EXPECTED_PROBLEMS.items()}
     by_row = {p.row: p for p in report.examples}
@@ -291,7 +292,7 @@ def test_validation_reports_each_problem_with_row_and_path(broken):
         assert by_row[row].path == path
         assert path in by_row[row].message
     assert "truncated" in by_row[3].message
-    assert "1.7" in by_row[4].message and "-0.2" in by_row[5].message
+    assert "1.7" in by_row[4].message and "1.5" in by_row[5].message
     assert dict(report.counts) == {"missing_image": 1, "corrupt_image": 2, "label_out_of_range": 2,
                                    "E1_above_E2": 1, "partial_labels": 1, "R_above_E": 1}
     # Existence-only checking does not decode: the corrupt files pass, the missing one does not.
@@ -309,7 +310,7 @@ def test_validate_cli_exit_codes_output_and_json(broken, tmp_path, capsys):
     for kind, _ in EXPECTED_PROBLEMS.values():
         assert kind in out
     report = json.loads(report_file.read_text())
-    assert report["ok"] is False and report["rows"] == 10
+    assert report["ok"] is False and report["rows"] == 11
     assert {(e["row"], e["kind"]) for e in report["examples"]} == {(r, k) for r, (k, _) in EXPECTED_PROBLEMS.items()}
     assert {e["path"] for e in report["examples"] if e["path"]} == set(paths.values())
 

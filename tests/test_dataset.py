@@ -62,3 +62,28 @@ def test_dataloader_with_workers(demo_triplets, tokenizer):
 def test_require_labels_refuses_unlabelled_rows(demo_triplets):
     with pytest.raises(InputError, match=r"no E1 E2 R1 R2 labels.*icthp data label"):
         TripletDataset(demo_triplets, require_labels=True)
+
+
+def _fake_item(i: int, prompt: str, refined: str) -> dict:
+    image = torch.zeros(3, 224, 224)
+    return {"lose": image, "win": image, "refined": image, "prompt": prompt, "refined_prompt": refined,
+            "labels": torch.zeros(4), "index": i}
+
+
+@pytest.mark.parametrize("tokenization", ["open_clip", "transformers"])
+def test_collator_tokenises_as_configured(tokenizer, tokenization):
+    # Training sees the released evaluation's ids by default; tokenization="transformers" gives the released
+    # training's (no ftfy), which differ on curly quotes and HTML entities.
+    prompts = ["it’s a “wooden” car", "Tom &amp; Jerry"]
+    refined = ["ﬁne ＦＵＬＬ detail", "a plain prompt"]
+    collate = TripletCollator(tokenizer, tokenization=tokenization)
+    batch = collate([_fake_item(i, p, r) for i, (p, r) in enumerate(zip(prompts, refined, strict=True))])
+    ids, mask = tokenize(tokenizer, prompts, tokenization=tokenization)
+    rids, rmask = tokenize(tokenizer, refined, tokenization=tokenization)
+    assert torch.equal(batch.prompt_ids, ids) and torch.equal(batch.prompt_mask, mask)
+    assert torch.equal(batch.refined_prompt_ids, rids) and torch.equal(batch.refined_prompt_mask, rmask)
+    other = tokenize(tokenizer, prompts, tokenization="transformers" if tokenization == "open_clip" else "open_clip")[0]
+    assert not torch.equal(other[0], ids[0]) and not torch.equal(other[1], ids[1])
+    assert pickle.loads(pickle.dumps(collate)).tokenization == tokenization
+    with pytest.raises(ValueError, match="tokenization must be one of"):
+        TripletCollator(tokenizer, tokenization="raw")

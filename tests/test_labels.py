@@ -32,15 +32,18 @@ TOL = 1e-6
 N_ROWS = 12
 
 
-def hand_labels(cos_lose: float, cos_win: float, text_cos: float, theta: float) -> dict[str, float]:
-    """method.md section 2 in plain Python (icthp floors C and the text cosine at 0)."""
+def hand_labels(cos_lose: float, cos_win: float, text_cos: float, theta: float, clamp_negative: bool = False
+                ) -> dict[str, float]:
+    """method.md section 2 in plain Python: no floor at 0 unless ``clamp_negative`` (then C and the text
+    cosine are floored at 0)."""
 
     def c(x: float) -> float:
-        return min(max(x / theta, 0.0), 1.0)
+        v = min(x / theta, 1.0)
+        return max(v, 0.0) if clamp_negative else v
 
     e2 = c(cos_win)
     e1 = min(c(cos_lose), e2)
-    t = min(max(text_cos, 0.0), 1.0)
+    t = min(max(text_cos, 0.0), 1.0) if clamp_negative else text_cos
     return {"E1": e1, "E2": e2, "R1": e1 * t, "R2": e2 * t}
 
 
@@ -52,26 +55,52 @@ FORMULA_CASES = [
     (0.20, 0.36, 0.70, 0.30, "E2 capped at 1 (cos_win > theta)"),
     (0.33, 0.45, 0.50, 0.30, "both capped: E1 = E2 = 1"),
     (0.28, 0.21, 0.60, 0.30, "E1 = min(C(lose), E2) clamps: lose more similar than win"),
-    (-0.05, 0.15, 0.90, 0.30, "C(lose) floored at 0"),
-    (-0.10, -0.02, 0.40, 0.30, "both floored: E1 = E2 = 0"),
-    (0.10, 0.20, -0.30, 0.25, "negative text cosine floored: R = 0"),
+    (-0.05, 0.15, 0.90, 0.30, "negative C(lose): E1 < 0 (floored at 0 with the clamp)"),
+    (-0.10, -0.02, 0.40, 0.30, "both negative: E1 <= E2 < 0 (both 0 with the clamp)"),
+    (0.10, 0.20, -0.30, 0.25, "negative text cosine: R < 0 (0 with the clamp)"),
+    (-0.04, 0.05, -0.60, 0.25, "negative image-text and text-text cosines: R1 > 0 > R2"),
     (0.123456, 0.234567, 0.987654, 0.2718, "irrational-ish values"),
 ]
 
+# The labels of a few cases written out by hand (theta 0.3 / 0.25), not by hand_labels.
+WRITTEN_OUT = {
+    "negative C(lose): E1 < 0 (floored at 0 with the clamp)": (
+        {"E1": -1 / 6, "E2": 0.5, "R1": -0.15, "R2": 0.45}, {"E1": 0.0, "E2": 0.5, "R1": 0.0, "R2": 0.45}),
+    "both negative: E1 <= E2 < 0 (both 0 with the clamp)": (
+        {"E1": -1 / 3, "E2": -1 / 15, "R1": -4 / 30, "R2": -0.4 / 15}, {"E1": 0.0, "E2": 0.0, "R1": 0.0, "R2": 0.0}),
+    "negative text cosine: R < 0 (0 with the clamp)": (
+        {"E1": 0.4, "E2": 0.8, "R1": -0.12, "R2": -0.24}, {"E1": 0.4, "E2": 0.8, "R1": 0.0, "R2": 0.0}),
+    "negative image-text and text-text cosines: R1 > 0 > R2": (
+        {"E1": -0.16, "E2": 0.2, "R1": 0.096, "R2": -0.12}, {"E1": 0.0, "E2": 0.2, "R1": 0.0, "R2": 0.0}),
+}
 
+
+@pytest.mark.parametrize("clamp_negative", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_ict_labels_equal_the_hand_computation(dtype):
+def test_ict_labels_equal_the_hand_computation(dtype, clamp_negative):
     for theta in sorted({case[3] for case in FORMULA_CASES}):
         cases = [c for c in FORMULA_CASES if c[3] == theta]
-        got = ict_labels(*(torch.tensor([c[i] for c in cases], dtype=dtype) for i in range(3)), theta=theta)
+        got = ict_labels(*(torch.tensor([c[i] for c in cases], dtype=dtype) for i in range(3)), theta=theta,
+                         clamp_negative=clamp_negative)
         for j, (cl, cw, tc, _, what) in enumerate(cases):
-            want = hand_labels(cl, cw, tc, theta)
+            want = hand_labels(cl, cw, tc, theta, clamp_negative)
             for k in LABELS:
                 assert float(got[k][j]) == pytest.approx(want[k], abs=TOL), (what, k)
+            if what in WRITTEN_OUT:
+                written = WRITTEN_OUT[what][int(clamp_negative)]
+                for k in LABELS:
+                    assert float(got[k][j]) == pytest.approx(written[k], abs=TOL), (what, k, "written out")
     # The cases really hit the cap, the E1 clamp and the floor.
     assert any(cw / th > 1 for _, cw, _, th, _ in FORMULA_CASES)
     assert any(cw / th < 1 and cl > cw for cl, cw, _, th, _ in FORMULA_CASES)
     assert any(cl < 0 for cl, *_ in FORMULA_CASES) and any(tc < 0 for _, _, tc, _, _ in FORMULA_CASES)
+
+
+def test_ict_labels_default_is_the_formula_without_clamp():
+    # The default keeps negative labels (method.md section 2); only the explicit option floors them.
+    got = ict_labels(torch.tensor([-0.05]), torch.tensor([0.15]), torch.tensor([-0.5]), theta=0.3)
+    assert float(got["E1"]) == pytest.approx(-1 / 6) and float(got["R2"]) == pytest.approx(-0.25)
+    assert float(got["R1"]) == pytest.approx(1 / 12)  # negative x negative
 
 
 def test_ict_labels_refuse_a_bad_theta():
@@ -410,6 +439,9 @@ def test_resume_refuses_another_theta_or_other_rows(scorer, preset, triplet_set,
     # Another theta: the journaled labels are not silently mixed in.
     with pytest.raises(InputError, match=rf"cannot be resumed .* \(theta {theta}\)"):
         label_job(scorer, triplets, out, theta=theta * 1.5, resume=True)
+    # Nor under the other clamp rule.
+    with pytest.raises(InputError, match=r"cannot be resumed .* \(clamp_negative False\)"):
+        label_job(scorer, triplets, out, theta=theta, clamp_negative=True, resume=True)
     # Other rows under the same row numbers (another source, or another --split of a released layout).
     shuffled = [dataclasses.replace(t, index=j) for j, t in enumerate(reversed(triplets))]
     with pytest.raises(InputError, match="row 0 is another row"):
@@ -420,6 +452,10 @@ def test_resume_refuses_another_theta_or_other_rows(scorer, preset, triplet_set,
     assert label_job(scorer, triplets, out, theta=theta, resume=True).reused == 4
     meta = json.loads((tmp_path / "labels.jsonl.meta.json").read_text())
     assert meta["theta"] == theta and meta["labelling_clip"]["untrained"] is True and meta["rows"] == N_ROWS
+    assert meta["clamp_negative"] is False and meta["tokenization"] == "open_clip"
+    # A finished output is not reused under the other clamp rule.
+    with pytest.raises(InputError, match="clamp_negative False, not True"):
+        label_job(scorer, triplets, out, theta=theta, clamp_negative=True, resume=True)
     # A finished output is not "resumed" with another theta either.
     assert main(["data", "label", str(triplet_set), "-o", str(out), "--resume", "--theta", repr(theta * 2),
                  "--clip", str(preset), "--device", "cpu"]) == 2
@@ -443,3 +479,33 @@ def test_label_output_is_checked_before_any_work(triplet_set, tmp_path, monkeypa
         assert main(["data", "label", str(triplet_set), "-o", str(output), "--theta", "0.3",
                      "--clip", "tiny-random"]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_label_cli_keeps_negative_labels_unless_clamped(preset, triplet_set, tmp_path, monkeypatch):
+    # Cosines as a labelling CLIP could give them for a poor image: negative image-text and text-text ones.
+    triplets = read_triplets(triplet_set)
+    n = len(triplets)
+    cos_lose = torch.linspace(-0.2, 0.1, n, dtype=torch.float64)
+    cos_win = torch.linspace(-0.05, 0.4, n, dtype=torch.float64)
+    text = torch.linspace(-0.5, 0.9, n, dtype=torch.float64)
+
+    def fake_cosines(clip, rows, **kw):
+        idx = [t.index for t in rows]
+        return Cosines(cos_lose[idx], cos_win[idx], text[idx])
+
+    monkeypatch.setattr(icthp.labels, "triplet_cosines", fake_cosines)
+    theta = 0.3
+    for clamp in (False, True):
+        out = tmp_path / f"labels-{clamp}.jsonl"
+        argv = ["data", "label", str(triplet_set), "-o", str(out), "--theta", str(theta), "--clip", str(preset),
+                "--device", "cpu", *(["--clamp-negative"] if clamp else [])]
+        assert main(argv) == 0
+        rows = read_triplets(out)
+        for t in rows:
+            want = hand_labels(float(cos_lose[t.index]), float(cos_win[t.index]), float(text[t.index]), theta, clamp)
+            for k in LABELS:
+                assert getattr(t, k) == pytest.approx(want[k], abs=1e-12), (clamp, t.index, k)
+        values = [getattr(t, k) for t in rows for k in LABELS]
+        assert (min(values) < 0) is not clamp, "negative labels must appear without the clamp only"
+        assert json.loads((tmp_path / f"labels-{clamp}.jsonl.meta.json").read_text())["clamp_negative"] is clamp
+        assert main(["data", "validate", str(out)]) == 0  # negative labels are valid labels

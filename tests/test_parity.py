@@ -159,3 +159,104 @@ def test_pooled_image_output_keeps_gradient_checkpointing():
         pooled_image_output(vision.vision_model, pixels)
     handle.remove()
     assert calls == []  # nothing to checkpoint without gradients: the class-token path again
+
+
+# --------------------------------------------------------------------------------------------- prompts people type
+# The released evaluation tokenises with HPSv2's open_clip tokenizer, which cleans the text first. On
+# released-layout checkpoints `icthp score` must give its scores for every prompt, not only plain ones.
+
+HOSTILE_TOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def hostile_manifest(tmp_path_factory) -> Path:
+    """A JSONL manifest: every prompt of tests/_prompts.py on one of five generated images of various sizes."""
+    import numpy as np
+
+    from _prompts import HOSTILE_PROMPTS
+
+    d = tmp_path_factory.mktemp("hostile")
+    rng = np.random.default_rng(5)
+    names = []
+    for k, (w, h) in enumerate([(256, 256), (320, 200), (200, 330), (512, 384), (97, 101)]):
+        coarse = Image.fromarray((rng.random((5, 6, 3)) * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC)
+        noisy = np.asarray(coarse).astype(np.float32) + rng.normal(0, 12, (h, w, 3))
+        names.append(f"img{k}.png")
+        Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(d / names[-1])
+    # A lone surrogate cannot be written to any output: icthp refuses it up front (tested below).
+    valid = [p for p in HOSTILE_PROMPTS if "\ud800" not in p]
+    rows = [{"image": names[i % len(names)], "prompt": p} for i, p in enumerate(valid)]
+    (d / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return d / "prompts.jsonl"
+
+
+def test_icthp_score_equals_the_released_evaluation_on_prompts_people_type(tiny_dir, hostile_manifest,
+                                                                            hf_image_processor, tmp_path):
+    from _reference_tokenizers import released_tokenizer_module
+    from icthp.cli import main
+
+    released_tokenize = released_tokenizer_module().tokenize
+    rows = [json.loads(x) for x in hostile_manifest.read_text(encoding="utf-8").splitlines()]
+
+    # The released evaluation, one image at a time: plain CLIPModels, CLIPProcessor-style image inputs,
+    # the released tokenizer's zero-padded ids without a mask, sigmoid(MLP) for HP.
+    ict_model = _plain_clip(tiny_dir / "ict")
+    hp_backbone = _plain_clip(tiny_dir / "hp" / "hp_backbone")
+    mlp = _released_mlp(hp_backbone.config.projection_dim, tiny_dir / "hp" / "hp_scorer" / "mlp_pytorch_model.bin")
+    want = {"ict": [], "hp": []}
+    with torch.no_grad():
+        for r in rows:
+            with Image.open(hostile_manifest.parent / r["image"]) as im:
+                pixel_values = hf_image_processor(images=im.convert("RGB"), return_tensors="pt")["pixel_values"]
+            image = _features(ict_model.get_image_features(pixel_values=pixel_values))
+            image = image / image.norm(dim=-1, keepdim=True)
+            text = _features(ict_model.get_text_features(released_tokenize(r["prompt"])))
+            text = text / text.norm(dim=-1, keepdim=True)
+            want["ict"].append(float((text @ image.T).squeeze()))
+            logit = mlp(_features(hp_backbone.get_image_features(pixel_values=pixel_values))).squeeze()
+            want["hp"].append(float(torch.sigmoid(logit)))
+
+    out = tmp_path / "scores.jsonl"
+    assert main(["score", str(hostile_manifest), "--ict", "tiny-random", "--hp", "tiny-random", "--output", str(out),
+                 "--batch-size", "7", "--device", "cpu"]) == 0
+    # split("\n"), not splitlines(): prompts hold U+2028 and U+0085, which JSON writes unescaped.
+    got = [json.loads(x) for x in out.read_text(encoding="utf-8").split("\n") if x]
+    assert [g["prompt"] for g in got] == [r["prompt"] for r in rows]
+    assert all(g["error"] is None for g in got)
+    for name in ("ict", "hp"):
+        diff = max(abs(g[name] - w) for g, w in zip(got, want[name], strict=True))
+        assert diff <= HOSTILE_TOL, (name, diff)
+    diff = max(abs(g["ict_hp"] - i * h) for g, i, h in zip(got, want["ict"], want["hp"], strict=True))
+    assert diff <= HOSTILE_TOL, ("ict_hp", diff)
+    # Not vacuous: the prompts move the ICT score (it is not the same number for every prompt of an image).
+    same_image = [w for r, w in zip(rows, want["ict"], strict=True) if r["image"] == rows[0]["image"]]
+    assert max(same_image) - min(same_image) > 1e-2
+    meta = json.loads((tmp_path / "scores.jsonl.meta.json").read_text(encoding="utf-8"))
+    assert meta["tokenization"] == "open_clip"
+
+
+def test_without_cleaning_the_scores_would_differ(tiny_dir, tokenizer):
+    # The failure this guards against: tokenising curly quotes raw changes the tiny model's ICT score too.
+    from icthp.tokenizer import tokenize
+
+    model = _plain_clip(tiny_dir / "ict")
+    prompts = ["it’s a “wooden” Ferrari &amp; a ﬁre-breathing dragon", "it's a \"wooden\" ferrari & a fire-breathing dragon"]
+    with torch.no_grad():
+        cleaned = _features(model.get_text_features(*tokenize(tokenizer, prompts[:1])))
+        raw = _features(model.get_text_features(*tokenize(tokenizer, prompts[:1], tokenization="transformers")))
+        plain = _features(model.get_text_features(*tokenize(tokenizer, prompts[1:], tokenization="transformers")))
+    assert torch.allclose(cleaned, plain, atol=1e-6)  # cleaning maps the typed prompt to its plain spelling
+    assert (F.normalize(cleaned, dim=-1) - F.normalize(raw, dim=-1)).abs().max() > 1e-2
+
+
+def test_a_prompt_that_is_not_unicode_is_refused_before_any_work(hostile_manifest, tmp_path, capsys):
+    from icthp.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(hostile_manifest.read_text(encoding="utf-8").splitlines()[0] + "\n"
+                   + json.dumps({"image": "img0.png", "prompt": "lone \ud800 surrogate"}) + "\n", encoding="utf-8")
+    out = tmp_path / "scores.csv"
+    assert main(["score", str(bad), "--ict", "tiny-random", "--hp", "tiny-random", "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "row 1, column 'prompt': the prompt is not valid Unicode (surrogates not allowed at character 5" in err
+    assert not out.exists()

@@ -456,3 +456,20 @@ def test_baselines_are_served_beside_the_model(ict_hp, tmp_path):
     assert [b["name"] for b in info["baselines"]] == ["hpsv2.1", "aesthetic"]
     with pytest.raises(ValueError, match="unknown baseline 'pickscore-xl'"):
         ServeConfig(baselines=["pickscore-xl"]).validate()
+
+
+def test_prompts_are_cleaned_as_the_released_evaluation(client, ict_hp):
+    # The service tokenises as `icthp score` does: a prompt typed with curly quotes, an HTML entity and a
+    # ligature scores as its plain spelling (the released evaluation's ftfy + html cleaning).
+    arrays = np.stack([image_array(i) for i in range(2)])
+    typed = client.score(arrays, ["it’s a “wooden” car &amp; a ﬁre"] * 2)
+    plain = client.score(arrays, ["it's a \"wooden\" car & a fire"] * 2)
+    assert typed["ict"] == pytest.approx(plain["ict"], abs=1e-6)
+    raw = ict_hp.ict.tokenization
+    try:
+        ict_hp.ict.tokenization = "transformers"  # what icthp computed before: other ids, other scores
+        uncleaned = ict_hp.score_images_all([Image.fromarray(a) for a in arrays], "it’s a “wooden” car &amp; a ﬁre")
+    finally:
+        ict_hp.ict.tokenization = raw
+    assert (uncleaned.ict - torch.tensor(typed["ict"])).abs().max() > 1e-3
+    assert client.models()["tokenization"] == "open_clip"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -187,3 +188,89 @@ def test_missing_split_is_explained(tmp_path, triplets):
         k: str(triplets.parent / r[k]) for k in ("lose", "win", "refined")}) + "\n" for r in rows))
     with pytest.raises(InputError, match="train_split=none"):
         train(load_config(None, None, train_data=str(nosplit), output_dir=str(tmp_path / "r"), max_steps=1, **FAST))
+
+
+def _released_lr(t: int, peak: float, warmup_steps: int, max_steps: int, warmup: str) -> float:
+    """The warm-up + decay written out from its definition (DeepSpeed WarmupDecayLR for "log"), t 0-based."""
+    if warmup == "log":
+        w = max(2, warmup_steps)  # as DeepSpeed's WarmupLR
+        if t < w:
+            return peak * math.log(t + 1) / math.log(w)
+    else:
+        w = warmup_steps
+        if t < w:
+            return peak * (t + 1) / w
+    return peak * max(0.0, (max_steps - t) / max(1, max_steps - w))
+
+
+@pytest.mark.parametrize(("warmup", "warmup_steps", "max_steps"), [("log", 500, 5000), ("linear", 500, 5000),
+                                                                     ("log", 1, 10), ("log", 7, 7), ("linear", 0, 10)])
+def test_lr_schedule_follows_the_formula_step_by_step(warmup, warmup_steps, max_steps):
+    import functools
+
+    from icthp.train import lr_multiplier
+
+    peak = 3e-6
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([param], lr=peak)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
+        lr_multiplier, warmup_steps=warmup_steps, max_steps=max_steps, warmup=warmup))
+    seen = []
+    for t in range(max_steps + 3):
+        seen.append(optimizer.param_groups[0]["lr"])
+        assert seen[-1] == pytest.approx(_released_lr(t, peak, warmup_steps, max_steps, warmup), rel=1e-12, abs=1e-20), t
+        param.grad = torch.ones(1)
+        optimizer.step()
+        scheduler.step()
+    if (warmup, warmup_steps) == ("log", 500):
+        # The log warm-up starts at 0, passes half the peak by step ~22 and sums to ~1.7x the linear one's.
+        assert seen[0] == 0 and seen[22] > peak / 2 > seen[21]
+        linear = sum(_released_lr(t, peak, 500, 5000, "linear") for t in range(500))
+        assert sum(seen[:500]) / linear == pytest.approx(1.7, abs=0.05)
+    assert seen[max_steps] == 0 and max(seen) == pytest.approx(peak)
+
+
+def test_training_logs_the_rate_each_step_used(triplets, tmp_path):
+    out = tmp_path / "run"
+    train(load_config(None, None, train_data=str(triplets), output_dir=str(out), max_steps=6, eval_every=0,
+                      save_every=6, **{**FAST, "warmup_steps": 4}))
+    logged = [r["lr"] for r in _metrics(out) if "lr" in r]
+    want = [_released_lr(t, 1e-3, 4, 6, "log") for t in range(6)]
+    assert logged == pytest.approx(want, rel=1e-12, abs=1e-20)
+    assert json.loads((out / "config.json").read_text())["warmup"] == "log"
+
+
+def test_warmup_and_tokenization_are_checked_and_old_runs_resume_as_they_ran(tmp_path):
+    from icthp.train_config import check_resumable
+
+    with pytest.raises(InputError, match="warmup must be log or linear, got 'cosine'"):
+        load_config(None, ["warmup=cosine"], train_data="x")
+    with pytest.raises(InputError, match="tokenization must be open_clip or transformers, got 'ftfy'"):
+        load_config(None, ["tokenization=ftfy"], train_data="x")
+    cfg = load_config(None, None, train_data="x")
+    assert (cfg.warmup, cfg.tokenization) == ("log", "open_clip")
+    # A run saved before these keys existed ran a linear warm-up on untouched prompts: it resumes only so.
+    saved = {k: v for k, v in cfg.to_dict().items() if k not in ("warmup", "tokenization")}
+    with pytest.raises(InputError, match=r"warmup: saved 'linear', now 'log'.*tokenization: saved 'transformers'"):
+        check_resumable(saved, cfg)
+    check_resumable(saved, load_config(None, ["warmup=linear", "tokenization=transformers"], train_data="x"))
+
+
+@pytest.mark.parametrize("tokenization", ["open_clip", "transformers"])
+def test_training_tokenises_as_configured(triplets, tmp_path, monkeypatch, tokenization):
+    import icthp.train
+
+    seen = []
+    original = icthp.train.TripletCollator
+
+    def recording(*args, **kwargs):
+        collate = original(*args, **kwargs)
+        seen.append(collate.tokenization)
+        return collate
+
+    monkeypatch.setattr(icthp.train, "TripletCollator", recording)
+    out = tmp_path / "run"
+    export = train(load_config(None, [f"tokenization={tokenization}"], train_data=str(triplets), output_dir=str(out),
+                               max_steps=1, eval_every=0, save_every=1, **FAST))
+    assert seen == [tokenization]
+    assert json.loads((export / "ict" / "icthp.json").read_text())["tokenization"] == tokenization

@@ -172,12 +172,13 @@ def score(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from . import __version__
-    from .files import ImageItem, discover
+    from .files import ImageItem, check_prompt_text, discover
     from .jobs import run_score_job
     from .scoring import load
 
     items = discover(inputs, recursive=recursive, image_columns=image_column, prompt_column=prompt_column)
     if prompt is not None:
+        check_prompt_text(prompt, "--prompt")
         items = [ImageItem(it.image, prompt, it.role, it.group) for it in items]
     dev = _device(device)
     t0 = time.perf_counter()
@@ -196,6 +197,7 @@ def score(
         "device": dev,
         "dtype": str(scorer.dtype).replace("torch.", ""),
         "preprocessing": "CLIPImageProcessor-equivalent: bicubic shortest side, centre crop, OpenAI mean/std",
+        "tokenization": scorer.tokenization,
         "untrained": untrained,
     }
     with Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -424,6 +426,7 @@ def bench(
         scorers[name] = scorer
         descriptions[name] = {"source": " + ".join(i.source for i in infos),
                               "untrained": any(i.untrained for i in infos),
+                              "tokenization": scorer.tokenization,
                               "description": "; ".join(i.describe() for i in infos)}
         if descriptions[name]["untrained"]:
             err.print(f"[bold red]{name}: UNTRAINED random weights: accuracies are meaningless[/]")

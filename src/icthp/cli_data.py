@@ -91,6 +91,7 @@ def label(
     output: Annotated[Path, typer.Option("--output", "-o", help="New manifest with E1 E2 R1 R2 (.parquet/.jsonl/.csv).")],
     theta: Annotated[float, typer.Option(min=1e-6, help="Cosine threshold: C = min(cos / theta, 1). Not published; measure it with `icthp data fit-theta`.")],
     clip: Annotated[str, typer.Option(help="Labelling CLIP: hub id, directory, or 'tiny-random' (untrained).")] = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+    clamp_negative: Annotated[bool, typer.Option("--clamp-negative", help="Floor C and the text cosine at 0 (labels in [0, 1]); default: the formula as written, negative cosines give negative labels.")] = False,
     split: SplitOpt = None,
     allow_pickle: PickleOpt = False,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted job without recomputing finished rows.")] = False,
@@ -115,7 +116,8 @@ def label(
     try:
         with _progress("labelling") as bar:
             task = bar.add_task("rows", total=len(triplets))
-            result = label_job(scorer, triplets, output, theta=theta, source=source, resume=resume,
+            result = label_job(scorer, triplets, output, theta=theta, clamp_negative=clamp_negative, source=source,
+                               resume=resume,
                                overwrite=overwrite, batch_size=batch_size, num_workers=num_workers,
                                progress=lambda n: bar.advance(task, n))
     except KeyboardInterrupt:

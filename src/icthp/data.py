@@ -46,7 +46,8 @@ RELEASED_TO_ICTHP = {
 ICTHP_TO_RELEASED = {v: k for k, v in RELEASED_TO_ICTHP.items()}
 ROLE_ALIASES = {"high": "refined", "I1": "lose", "I2": "win", "I3": "refined"}
 REQUIRED = ("prompt", *ROLES)
-# Labels are similarities in [0, 1]; E1 <= E2 holds by construction (method.md section 2), up to rounding.
+# Labels are at most 1 (C = min(cos / theta, 1)) and negative where a cosine is (no clamp at 0 by default);
+# E1 <= E2 and |R| <= |E| (R = E x a text cosine) hold by construction (method.md section 2), up to rounding.
 LABEL_TOLERANCE = 1e-6
 
 
@@ -546,8 +547,8 @@ def _check_row(n: int, row: dict[str, Any], report: ValidationReport) -> list[tu
             continue
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             report.add(Problem("bad_type", f"{k} must be a number, got {v!r}", n, k))
-        elif not math.isfinite(v) or not (-LABEL_TOLERANCE <= v <= 1 + LABEL_TOLERANCE):
-            report.add(Problem("label_out_of_range", f"{k} = {v} is outside [0, 1]", n, k))
+        elif not math.isfinite(v) or v > 1 + LABEL_TOLERANCE:
+            report.add(Problem("label_out_of_range", f"{k} = {v}: labels are finite and at most 1", n, k))
         else:
             values[k] = float(v)
     present = [k for k in LABELS if not _is_missing(row.get(k))]
@@ -558,9 +559,9 @@ def _check_row(n: int, row: dict[str, Any], report: ValidationReport) -> list[tu
         if values["E1"] > values["E2"] + LABEL_TOLERANCE:
             report.add(Problem("E1_above_E2", f"E1 = {values['E1']:.6g} > E2 = {values['E2']:.6g}", n, "E1"))
         for r, e in (("R1", "E1"), ("R2", "E2")):
-            if values[r] > values[e] + LABEL_TOLERANCE:
-                report.add(Problem("R_above_E", f"{r} = {values[r]:.6g} > {e} = {values[e]:.6g} "
-                                   "(R = E x text cosine <= E)", n, r))
+            if abs(values[r]) > abs(values[e]) + LABEL_TOLERANCE:
+                report.add(Problem("R_above_E", f"|{r}| = {abs(values[r]):.6g} > |{e}| = {abs(values[e]):.6g} "
+                                   "(R = E x text cosine, so |R| <= |E|)", n, r))
     images = []
     for role in ROLES:
         v = row.get(role)

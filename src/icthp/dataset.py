@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from .data import LABELS, ROLES, Triplet
 from .errors import InputError
 from .preprocess import PreprocessConfig, load_image, pil_to_model_input
-from .tokenizer import tokenize
+from .tokenizer import DEFAULT_TOKENIZATION, Tokenization, check_tokenization, tokenize
 
 
 class TripletDataset(Dataset):
@@ -92,16 +92,21 @@ class TripletBatch:
 class TripletCollator:
     """Collate :class:`TripletDataset` items into a :class:`TripletBatch`, tokenising the prompts in one call.
 
-    A class (not a closure) so that DataLoader worker processes can pickle it.
+    A class (not a closure) so that DataLoader worker processes can pickle it. ``tokenization`` is
+    ``"open_clip"`` (the released evaluation's cleaning, default: training and scoring see the same ids) or
+    ``"transformers"`` (the released training's tokenizer, no ftfy); see :mod:`icthp.tokenizer`.
     """
 
-    def __init__(self, tokenizer, context_length: int = 77):
+    def __init__(self, tokenizer, context_length: int = 77, tokenization: Tokenization = DEFAULT_TOKENIZATION):
         self.tokenizer = tokenizer
         self.context_length = context_length
+        self.tokenization = check_tokenization(tokenization)
 
     def __call__(self, items: Sequence[dict]) -> TripletBatch:
-        ids, mask = tokenize(self.tokenizer, [it["prompt"] for it in items], self.context_length)
-        rids, rmask = tokenize(self.tokenizer, [it["refined_prompt"] for it in items], self.context_length)
+        ids, mask = tokenize(self.tokenizer, [it["prompt"] for it in items], self.context_length,
+                             tokenization=self.tokenization)
+        rids, rmask = tokenize(self.tokenizer, [it["refined_prompt"] for it in items], self.context_length,
+                               tokenization=self.tokenization)
         return TripletBatch(
             lose=torch.stack([it["lose"] for it in items]),
             win=torch.stack([it["win"] for it in items]),

@@ -93,6 +93,20 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
             yield obj
 
 
+def check_prompt_text(prompt: str, where: str) -> str:
+    """Return ``prompt`` if it can be written as UTF-8 (every output is), else an InputError naming ``where``.
+
+    A lone surrogate (from a JSON ``\\ud800`` escape, or bytes that were not UTF-8 on the command line)
+    cannot be written to a CSV, JSONL or Parquet output: the job would fail at its first write.
+    """
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(f"{where}: the prompt is not valid Unicode ({exc.reason} at character {exc.start}: "
+                         f"{prompt[max(0, exc.start - 20):exc.start]!r} ...)") from None
+    return prompt
+
+
 def _resolve(base: Path, value: Any, where: str) -> str:
     if not isinstance(value, str) or not value:
         raise InputError(f"{where}: expected an image path, got {value!r}")
@@ -145,6 +159,8 @@ def items_from_manifest(
         prompt = row.get(prompt_column) if has_prompt else None
         if has_prompt and not isinstance(prompt, str):
             raise InputError(f"manifest {path}, row {n}: column {prompt_column!r} must be a string, got {prompt!r}")
+        if prompt is not None:
+            check_prompt_text(prompt, f"manifest {path}, row {n}, column {prompt_column!r}")
         for col, role in roles:
             value = row.get(col)
             if value is None or (isinstance(value, float) and math.isnan(value)):

@@ -2,12 +2,15 @@
 
 ::
 
-    C(I, P) = min(cos_clip(I, P) / theta, 1)      thresholded image-text cosine (floored at 0 by icthp)
+    C(I, P) = min(cos_clip(I, P) / theta, 1)      thresholded image-text cosine
     E3 = R3 = 1                                    the refined image contains both prompts
     E2 = C(I2, P_easy)
     E1 = min(C(I1, P_easy), E2)                    keeps E1 <= E2
-    R2 = E2 * cos_text(P_easy, P_ref)              text-text cosine of the two prompts (floored at 0)
+    R2 = E2 * cos_text(P_easy, P_ref)              text-text cosine of the two prompts
     R1 = E1 * cos_text(P_easy, P_ref)
+
+No clamp at 0: a negative cosine gives a negative label, as the formula says. ``clamp_negative=True``
+(``icthp data label --clamp-negative``) floors C and the text cosine at 0 instead.
 
 The labelling CLIP defaults to the base laion CLIP-ViT-H-14 and theta is not published: with released
 labels at hand, :func:`fit_theta` measures it (for rows with E2 < 1, cos/E2 is constant) and checks that
@@ -35,21 +38,27 @@ from .scoring import ICTScorer, iter_batches, to_device
 DEFAULT_LABEL_CLIP = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 
 
-def ict_labels(cos_lose: torch.Tensor, cos_win: torch.Tensor, text_cos: torch.Tensor, theta: float) -> dict[str, torch.Tensor]:
+def ict_labels(cos_lose: torch.Tensor, cos_win: torch.Tensor, text_cos: torch.Tensor, theta: float, *,
+               clamp_negative: bool = False) -> dict[str, torch.Tensor]:
     """The label formulas on tensors ``[B]`` of cosines. Returns ``{"E1", "E2", "R1", "R2"}``.
+
+    Exactly method.md section 2: ``C = min(cos / theta, 1)``, no floor, so a negative image-text cosine
+    gives a negative E and a negative text-text cosine a negative R. ``clamp_negative=True`` floors C and
+    the text cosine at 0 (labels then stay in [0, 1]).
 
     Example:
         >>> ict_labels(torch.tensor([0.2]), torch.tensor([0.25]), torch.tensor([0.8]), theta=0.3)["E2"]
         tensor([0.8333])
+        >>> ict_labels(torch.tensor([-0.06]), torch.tensor([0.25]), torch.tensor([0.8]), theta=0.3)["E1"]
+        tensor([-0.2000])
     """
     if not theta > 0:
         raise ValueError(f"theta must be > 0, got {theta}")
-    # icthp floors C and the text cosine at 0 so labels stay in [0, 1] (a negative cosine means "nothing of
-    # the prompt"); with CLIP-H on real image-prompt pairs cosines are positive and the floor never acts.
-    c_lose = torch.clamp(cos_lose / theta, min=0.0, max=1.0)
-    e2 = torch.clamp(cos_win / theta, min=0.0, max=1.0)
+    floor = 0.0 if clamp_negative else None
+    c_lose = torch.clamp(cos_lose / theta, min=floor, max=1.0)
+    e2 = torch.clamp(cos_win / theta, min=floor, max=1.0)
     e1 = torch.minimum(c_lose, e2)
-    t = torch.clamp(text_cos, min=0.0, max=1.0)
+    t = torch.clamp(text_cos, min=0.0, max=1.0) if clamp_negative else text_cos
     return {"E1": e1, "E2": e2, "R1": e1 * t, "R2": e2 * t}
 
 
@@ -138,6 +147,7 @@ def label_job(
     output: str | Path,
     *,
     theta: float,
+    clamp_negative: bool = False,
     source: str | Path | None = None,
     resume: bool = False,
     overwrite: bool = False,
@@ -150,9 +160,9 @@ def label_job(
 
     Rows are processed ``rows_per_chunk`` at a time; each finished chunk is journaled beside the output,
     so a killed job continues with ``resume=True`` without recomputing finished rows. Journaled rows carry
-    theta and a key of the row (prompts, image names): a resume with another theta or other rows (another
-    source or ``--split``) is refused instead of mixing labels. ``<output>.meta.json`` records theta and the
-    labelling CLIP.
+    theta, ``clamp_negative`` and a key of the row (prompts, image names): a resume with another theta,
+    another clamp or other rows (another source or ``--split``) is refused instead of mixing labels.
+    ``<output>.meta.json`` records theta, the clamp and the labelling CLIP.
 
     Raises:
         InputError: output is the input, exists without ``resume`` / ``overwrite``, or cannot be resumed
@@ -165,17 +175,21 @@ def label_job(
     if resume:
         for r in Journal.read(journal_file):
             index = int(r["index"])
-            if r.get("theta") != theta or keys.get(index) != r.get("key"):
+            # Journals written before the clamp was an option were clamped.
+            clamped = bool(r.get("clamp_negative", True))
+            if r.get("theta") != theta or clamped != clamp_negative or keys.get(index) != r.get("key"):
                 what = (f"theta {r.get('theta')}" if r.get("theta") != theta
+                        else f"clamp_negative {clamped}" if clamped != clamp_negative
                         else f"row {index} is another row of the source")
                 raise InputError(
-                    f"{journal_file} cannot be resumed with these rows and theta {theta} ({what}): rerun with the "
-                    "same source, --split and --theta, or pass --overwrite to start again"
+                    f"{journal_file} cannot be resumed with these rows, theta {theta} and clamp_negative "
+                    f"{clamp_negative} ({what}): rerun with the same source, --split, --theta and "
+                    "--clamp-negative, or pass --overwrite to start again"
                 )
             done[index] = {k: float(r[k]) for k in ("E1", "E2", "R1", "R2")}
         if out.exists() and not done:
             # A finished output (no journal left): reuse it if it is this job's, row for row.
-            for t, p in zip(triplets, _finished_output(out, triplets, keys, theta), strict=True):
+            for t, p in zip(triplets, _finished_output(out, triplets, keys, theta, clamp_negative), strict=True):
                 done[t.index] = {k: getattr(p, k) for k in ("E1", "E2", "R1", "R2")}
     elif journal_file.exists():
         journal_file.unlink()
@@ -187,12 +201,14 @@ def label_job(
         for start in range(0, len(todo), rows_per_chunk):
             chunk = todo[start : start + rows_per_chunk]
             c = triplet_cosines(clip, chunk, batch_size=batch_size, num_workers=num_workers)
-            labels = ict_labels(c.cos_lose.double(), c.cos_win.double(), c.text.double(), theta)
+            labels = ict_labels(c.cos_lose.double(), c.cos_win.double(), c.text.double(), theta,
+                                clamp_negative=clamp_negative)
             rows = []
             for i, t in enumerate(chunk):
                 values = {k: float(v[i]) for k, v in labels.items()}
                 done[t.index] = values
-                rows.append({"index": t.index, "key": keys[t.index], "theta": theta, **values})
+                rows.append({"index": t.index, "key": keys[t.index], "theta": theta, "clamp_negative": clamp_negative,
+                             **values})
             journal.append(rows)
             if progress is not None:
                 progress(len(chunk))
@@ -203,6 +219,8 @@ def label_job(
     metadata = {
         "labels": "ICT E1 E2 R1 R2 (method.md section 2)",
         "theta": theta,
+        "clamp_negative": clamp_negative,
+        "tokenization": getattr(clip, "tokenization", None),
         "rows": len(triplets),
         "labelling_clip": None if info is None else {"source": info.source, "path": info.path,
                                                      "layout": info.layout, "untrained": info.untrained},
@@ -214,16 +232,20 @@ def label_job(
     return LabelJobResult(out, len(triplets), len(todo), len(triplets) - len(todo))
 
 
-def _finished_output(out: Path, triplets: Sequence[Triplet], keys: dict[int, str], theta: float) -> list[Triplet]:
-    """The rows of a finished output, if it is this job's (same rows, same theta); else an error."""
+def _finished_output(out: Path, triplets: Sequence[Triplet], keys: dict[int, str], theta: float,
+                     clamp_negative: bool) -> list[Triplet]:
+    """The rows of a finished output, if it is this job's (same rows, theta and clamp); else an error."""
     from .data import read_triplets
 
     meta = meta_path(out)
     if meta.is_file():
-        previous_theta = json.loads(meta.read_text(encoding="utf-8")).get("theta")
-        if previous_theta != theta:
-            raise InputError(f"output {out} was labelled with theta {previous_theta}, not {theta}; "
+        previous = json.loads(meta.read_text(encoding="utf-8"))
+        if previous.get("theta") != theta:
+            raise InputError(f"output {out} was labelled with theta {previous.get('theta')}, not {theta}; "
                              "pass --overwrite to relabel it")
+        if bool(previous.get("clamp_negative", True)) != clamp_negative:
+            raise InputError(f"output {out} was labelled with clamp_negative {not clamp_negative}, not "
+                             f"{clamp_negative}; pass --overwrite to relabel it")
     previous = read_triplets(out)
     if len(previous) != len(triplets) or not all(p.has_labels for p in previous) or \
             any(_row_key(p) != keys[t.index] for t, p in zip(triplets, previous, strict=True)):
@@ -288,15 +310,17 @@ def fit_theta(
     for i, t in enumerate(triplets):
         cw, cl, tc = float(cosines.cos_win[i]), float(cosines.cos_lose[i]), float(cosines.text[i])
         e1, e2, r1, r2 = float(t.E1), e2_all[i], float(t.R1), float(t.R2)  # type: ignore[arg-type]
+        # Labels near 0 carry no usable ratio (and are where a clamp at 0 would have acted); negative
+        # labels (no clamp) estimate theta as well as positive ones.
         if e2 < 1 - clamp_eps:
-            if e2 > clamp_eps:
+            if abs(e2) > clamp_eps:
                 estimates.append(cw / e2)
         else:
             clamped += 1
-        if clamp_eps < e1 < e2 - clamp_eps:  # E1 not clamped by E2: E1 = cos_lose / theta
+        if abs(e1) > clamp_eps and e1 < e2 - clamp_eps:  # E1 not clamped by E2: E1 = cos_lose / theta
             estimates.append(cl / e1)
         for r, e in ((r1, e1), (r2, e2)):
-            if e > clamp_eps:
+            if abs(e) > clamp_eps:
                 r_errors.append(abs(r / e - tc))
     theta = statistics.median(estimates) if estimates else None
     spread = (max(estimates) - min(estimates)) / abs(theta) if estimates and theta else None

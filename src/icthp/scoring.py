@@ -42,7 +42,7 @@ from .preprocess import (
     pil_to_model_input,
     preprocess_tensor,
 )
-from .tokenizer import load_tokenizer, tokenize
+from .tokenizer import DEFAULT_TOKENIZATION, Tokenization, check_tokenization, load_tokenizer, tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -240,6 +240,9 @@ class Scorer:
     #: names of the columns :meth:`components` returns, and the one :meth:`score` returns
     component_names: tuple[str, ...] = ()
     main_component: str = ""
+    #: how prompts become CLIP token ids (:data:`icthp.tokenizer.TOKENIZATIONS`); None where the scorer
+    #: reads no prompt or tokenises otherwise (ImageReward's BERT)
+    tokenization: str | None = None
     #: On CPU, model forwards run on at most this many images at a time: measured on a ViT-B/16 tower
     #: (benchmarks/bench_score.py), 8 images per forward ran ~20% faster per image than 32 (cache-bound
     #: attention and MLP activations). None: the whole batch at once (the GPU default).
@@ -456,12 +459,25 @@ class ICTScorer(_CheckpointScorer):
     kind = "ict"
     default_source = "8y/ICT"
 
-    def __init__(self, model: torch.nn.Module, info: CheckpointInfo, tokenizer=None, max_cached_prompts: int = 10_000):
+    def __init__(self, model: torch.nn.Module, info: CheckpointInfo, tokenizer=None, max_cached_prompts: int = 10_000,
+                 tokenization: Tokenization = DEFAULT_TOKENIZATION):
         super().__init__(model, info)
         self.context_length = int(info.architecture["text_config"].get("max_position_embeddings", 77))
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(info.path, self.context_length)
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.max_cached_prompts = max_cached_prompts
+        self.tokenization = tokenization
+
+    @property
+    def tokenization(self) -> Tokenization:
+        """How prompts become token ids: ``"open_clip"`` (the released evaluation's cleaning, default) or
+        ``"transformers"`` (no cleaning, as the released training); see :mod:`icthp.tokenizer`."""
+        return self._tokenization
+
+    @tokenization.setter
+    def tokenization(self, value: Tokenization) -> None:
+        self._tokenization = check_tokenization(value)
+        self._cache.clear()  # embeddings of the old ids
 
     def to(self, device: str | torch.device) -> ICTScorer:
         self._cache.clear()  # cached prompt embeddings live on the old device
@@ -488,7 +504,7 @@ class ICTScorer(_CheckpointScorer):
 
     def _encode_missing(self, missing: list[str]) -> None:
         if missing:
-            ids, mask = tokenize(self.tokenizer, missing, self.context_length)
+            ids, mask = tokenize(self.tokenizer, missing, self.context_length, tokenization=self.tokenization)
             feats = text_features(self.model, ids.to(self.device), mask.to(self.device)).float()
             for p, f in zip(missing, F.normalize(feats, dim=-1), strict=True):
                 self._cache[p] = f
@@ -602,6 +618,10 @@ class ICTHPScorer(Scorer):
 
     def checkpoints(self) -> list[CheckpointInfo]:
         return self.ict.checkpoints() + self.hp.checkpoints()
+
+    @property
+    def tokenization(self) -> str | None:  # the ICT component's (HP reads no prompt)
+        return self.ict.tokenization
 
     def _group_scores(self, fn, images, prompt) -> torch.Tensor:
         s = self.score_images_all(images, prompt) if fn == self.score_images else self.score_all(images, prompt)

@@ -10,21 +10,38 @@ tokens, truncated). The vocabulary is not downloaded: it is read from
 
 and turned into a transformers CLIP tokenizer in memory, giving the same ids as the tokenizer of
 ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` (the one the released training code uses).
+
+Text cleaning is part of the score. :func:`tokenize` turns prompts into ids one of two ways
+(:data:`TOKENIZATIONS`):
+
+``open_clip`` (the default everywhere)
+    The released evaluation's tokenizer (open_clip's ``SimpleTokenizer``, as vendored by HPSv2 and called
+    by ``trainer/eval/eval.py``): the text is cleaned (``ftfy.fix_text``, ``html.unescape`` twice, strip,
+    runs of whitespace to one space, lower case), split with open_clip's pattern (its literal
+    ``<start_of_text>`` / ``<end_of_text>`` are special tokens, transformers' ``<|endoftext|>`` is plain
+    text), then byte-level BPE. Curly quotes, HTML entities, ligatures, fullwidth letters and mojibake give
+    other ids without the cleaning.
+``transformers``
+    A transformers CLIP tokenizer on the raw text (NFC, whitespace, lower case; no ftfy): what the released
+    *training* code and PickScore's release used.
 """
 
 from __future__ import annotations
 
 import functools
 import gzip
+import html
 import importlib.util
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import torch
 
-from .errors import TokenizerNotFoundError
+from .errors import InputError, TokenizerNotFoundError
 
 BPE_FILE_NAME = "bpe_simple_vocab_16e6.txt.gz"
 # Packages known to ship the OpenAI CLIP BPE merges, in order of preference.
@@ -33,6 +50,32 @@ _BPE_PACKAGES = ("clip", "open_clip")
 _N_MERGES = 49152 - 256 - 2
 START_OF_TEXT = "<|startoftext|>"
 END_OF_TEXT = "<|endoftext|>"
+
+Tokenization = Literal["open_clip", "transformers"]
+#: the ways a prompt can become token ids (see the module docstring); the first is the default
+TOKENIZATIONS: tuple[str, ...] = ("open_clip", "transformers")
+DEFAULT_TOKENIZATION: Tokenization = "open_clip"
+
+# open_clip's names of its two special tokens (ids 49406 and 49407, as transformers' <|startoftext|> and
+# <|endoftext|>). Typed literally in a prompt they become those ids, as in the released evaluation.
+_OPEN_CLIP_SPECIALS = ("<start_of_text>", "<end_of_text>")
+
+
+@functools.lru_cache(maxsize=1)
+def _open_clip_patterns():
+    # Imported here: ftfy and regex take ~0.15 s to import, which `icthp --help` should not pay.
+    import ftfy
+    import regex
+
+    # open_clip's pre-tokenisation: its special tokens, English contractions, runs of letters, single digits,
+    # runs of anything else that is not whitespace; the `regex` module (\p{L}, \p{N}) with IGNORECASE, as
+    # open_clip compiles it. Whitespace is the `regex` module's \s (Unicode White_Space), as the released
+    # tokenizer collapses it (str.split() would also split on the separators U+001C..U+001F).
+    pattern = regex.compile(
+        "|".join(_OPEN_CLIP_SPECIALS) + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+        regex.IGNORECASE,
+    )
+    return ftfy.fix_text, pattern, regex.compile(r"\s+")
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -147,18 +190,113 @@ def load_tokenizer(checkpoint_dir: str | os.PathLike | None = None, model_max_le
     return _build(vocab, merges, model_max_length)
 
 
-def tokenize(tokenizer, prompts: list[str], context_length: int = 77) -> tuple[torch.Tensor, torch.Tensor]:
+def check_tokenization(tokenization: str) -> Tokenization:
+    """Return ``tokenization`` if it is one of :data:`TOKENIZATIONS`, else raise a ``ValueError`` naming them."""
+    if tokenization not in TOKENIZATIONS:
+        raise ValueError(f"tokenization must be one of {', '.join(TOKENIZATIONS)}, got {tokenization!r}")
+    return tokenization  # type: ignore[return-value]
+
+
+def clean_prompt(text: str) -> str:
+    """The released evaluation's text cleaning (open_clip's default ``lower`` cleaning).
+
+    ``ftfy.fix_text`` (mojibake, curly quotes, ligatures, fullwidth letters, control characters), HTML
+    entities unescaped twice, runs of whitespace to one space, stripped, lower-cased.
+
+    Example:
+        >>> clean_prompt("  A ‘Café’ &amp;amp; ﬁsh\t\tＡＢＣ ")
+        "a 'café' & fish abc"
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"a prompt must be a str, got {type(text).__name__}")
+    fix_text, _, whitespace = _open_clip_patterns()
+    text = html.unescape(html.unescape(fix_text(text))).strip()
+    return whitespace.sub(" ", text).strip().lower()
+
+
+def _byte_level(piece: str, _table: dict[int, str] = _bytes_to_unicode()) -> str:
+    return "".join(_table[b] for b in piece.encode("utf-8"))
+
+
+def _bpe_model(tokenizer):
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise TypeError(
+            f"tokenization='open_clip' needs a tokenizers-backed (fast) CLIP tokenizer, got {type(tokenizer).__name__}; "
+            "icthp.tokenizer.load_tokenizer() builds one"
+        )
+    return backend.model
+
+
+def encode_open_clip(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` as the released evaluation computes them, without start / end tokens.
+
+    :func:`clean_prompt`, then open_clip's pre-tokenisation, then the byte-level BPE of ``tokenizer`` (whose
+    merges are CLIP's, so each piece gets the ids open_clip's own BPE gives it).
+
+    Example:
+        >>> encode_open_clip(load_tokenizer(), "A Ferrari&amp;a ‘car’")
+        [320, 9606, 261, 320, 262, 1615, 262]
+    """
+    model = _bpe_model(tokenizer)
+    specials = {_OPEN_CLIP_SPECIALS[0]: tokenizer.bos_token_id, _OPEN_CLIP_SPECIALS[1]: tokenizer.eos_token_id}
+    ids: list[int] = []
+    for piece in _open_clip_patterns()[1].findall(clean_prompt(text)):
+        special = specials.get(piece)
+        if special is not None:
+            ids.append(special)
+        else:
+            ids.extend(t.id for t in model.tokenize(_byte_level(piece)))
+    return ids
+
+
+def _tokenize_open_clip(tokenizer, prompts: Sequence[str], context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    sot, eot = tokenizer.bos_token_id, tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot
+    ids = torch.full((len(prompts), context_length), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), context_length), dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        tokens = [sot, *encode_open_clip(tokenizer, prompt), eot]
+        if len(tokens) > context_length:
+            # As open_clip truncates: the first context_length ids, the last one replaced by end-of-text.
+            tokens = tokens[:context_length]
+            tokens[-1] = eot
+        ids[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        mask[i, : len(tokens)] = 1
+    return ids, mask
+
+
+def tokenize(tokenizer, prompts: Sequence[str], context_length: int = 77, *,
+             tokenization: Tokenization = DEFAULT_TOKENIZATION) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokenise prompts to fixed-length ``input_ids`` and ``attention_mask`` tensors ``[B, context_length]``.
 
-    Long prompts are truncated (the end-of-text token is kept as the last token, as CLIP was trained).
+    ``tokenization="open_clip"`` (default) cleans and splits the text as the released evaluation does;
+    ``"transformers"`` runs the transformers tokenizer on the raw text (the released training); see the
+    module docstring. Long prompts are truncated (the end-of-text token is kept as the last token, as CLIP
+    was trained); padding is the pad token (end-of-text for CLIP), with the mask 0 there. CLIP pools at the
+    first end-of-text token under a causal mask, so padding never changes the features.
 
     Example:
         >>> ids, mask = tokenize(load_tokenizer(), ["a cat", "a dog"])
         >>> tuple(ids.shape)
         (2, 77)
+        >>> tokenize(load_tokenizer(), ["it’s"])[0][0, :4].tolist()
+        [49406, 585, 568, 49407]
     """
+    prompts = list(prompts)
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise TypeError(f"prompt {i} must be a str, got {type(p).__name__}")
+    if check_tokenization(tokenization) == "open_clip":
+        return _tokenize_open_clip(tokenizer, prompts, context_length)
+    for i, p in enumerate(prompts):
+        # ftfy replaces lone surrogates on the open_clip path; the Rust tokenizer would fail with a TypeError.
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InputError(f"prompt {i} is not valid Unicode ({exc.reason} at position {exc.start})") from None
     enc = tokenizer(
-        list(prompts),
+        prompts,
         padding="max_length",
         truncation=True,
         max_length=context_length,

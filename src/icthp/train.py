@@ -20,6 +20,7 @@ Layout of ``output_dir``::
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -46,13 +47,28 @@ from .train_config import TrainConfig, check_resumable, save_config
 logger = logging.getLogger(__name__)
 
 
-def _lr_lambda(warmup: int, total: int):
-    def f(step: int) -> float:  # linear warm-up, then linear decay to 0 at `total`
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
+def lr_multiplier(step: int, warmup_steps: int, max_steps: int, warmup: str = "log") -> float:
+    """Learning rate of optimiser step ``step`` (0-based) as a fraction of the peak.
 
-    return f
+    ``warmup="log"`` is DeepSpeed's ``WarmupDecayLR`` with its default logarithmic warm-up, which the
+    released training ran: ``log(step + 1) / log(W)`` for ``step < W`` (0 at the first step; DeepSpeed
+    takes ``W = max(2, warmup_steps)``), then ``(max_steps - step) / (max_steps - W)`` down to 0.
+    ``warmup="linear"``: ``(step + 1) / warmup_steps``, then the same linear decay. ``warmup_steps=0``: no
+    warm-up, decay from the peak.
+
+    Example:
+        >>> round(lr_multiplier(99, 500, 5000), 4), round(lr_multiplier(99, 500, 5000, "linear"), 4)
+        (0.741, 0.2)
+    """
+    if warmup not in ("log", "linear"):
+        raise ValueError(f"warmup must be 'log' or 'linear', got {warmup!r}")
+    if warmup_steps > 0 and warmup == "log":
+        warmup_steps = max(2, warmup_steps)
+    if step < warmup_steps:
+        if warmup == "log":
+            return math.log(step + 1) / math.log(warmup_steps)
+        return (step + 1) / warmup_steps
+    return max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps))
 
 
 def _clip_forward(model, batch):
@@ -169,7 +185,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
     if len(train_set) < cfg.per_device_batch_size * accelerator.num_processes:
         raise InputError(f"{len(train_set)} training triplets are fewer than one global batch")
     val_rows = read_triplets(cfg.val_data or cfg.train_data, cfg.val_split, cfg.allow_pickle)[: cfg.val_limit]
-    collate = TripletCollator(tokenizer, int(model.config.text_config.max_position_embeddings))
+    collate = TripletCollator(tokenizer, int(model.config.text_config.max_position_embeddings), cfg.tokenization)
     loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.per_device_batch_size, shuffle=cfg.shuffle,
                                          drop_last=True, collate_fn=collate, num_workers=cfg.num_workers)
     val_loader = torch.utils.data.DataLoader(TripletDataset(val_rows, preprocess), batch_size=cfg.per_device_batch_size,
@@ -177,7 +193,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, cfg.max_steps))
+    schedule = functools.partial(lr_multiplier, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, warmup=cfg.warmup)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     # The scheduler is not prepared: accelerate would step it once per process per step (a 2-process run
     # would warm up twice as fast). It steps here once per optimiser step, and is checkpointed explicitly.
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
@@ -254,10 +271,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
             unwrapped = accelerator.unwrap_model(model)
             # Our format, and the released layout so the rest of the ecosystem can load it too.
             if cfg.stage == "ict":
-                save_ict(unwrapped, export / "ict", extra_metadata={"trained_steps": at_step})
+                save_ict(unwrapped, export / "ict", extra_metadata={"trained_steps": at_step,
+                                                                    "tokenization": cfg.tokenization})
                 save_ict(unwrapped, export / "released" / "ICT", layout="released")
             else:
-                save_hp(unwrapped, export / "hp", extra_metadata={"trained_steps": at_step})
+                save_hp(unwrapped, export / "hp", extra_metadata={"trained_steps": at_step,
+                                                                  "tokenization": cfg.tokenization})
                 save_hp(unwrapped, export / "released" / "HP", layout="released")
             for old in sorted(checkpoints.glob("step-*"))[: -cfg.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -288,6 +307,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
                     accelerator.clip_grad_norm_(params if cfg.stage == "hp" else model.parameters(), cfg.max_grad_norm)
                 optimizer.step()
                 if accelerator.sync_gradients:
+                    step_lr = scheduler.get_last_lr()[0]  # the rate this optimiser step used (logged below)
                     scheduler.step()
                 optimizer.zero_grad()
             if not accelerator.sync_gradients:
@@ -298,7 +318,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
             bar.set_postfix(loss=f"{parts['loss']:.4f}")
             if step % cfg.log_every == 0 or step == 1:
                 elapsed = time.perf_counter() - t0
-                log({"step": step, "lr": scheduler.get_last_lr()[0], **parts,
+                log({"step": step, "lr": step_lr, **parts,
                      "triplets_per_s": steps_this_call * cfg.per_device_batch_size * accelerator.num_processes
                      * cfg.gradient_accumulation_steps / max(elapsed, 1e-9)})
             is_last = step >= cfg.max_steps or (stop_after is not None and steps_this_call >= stop_after)

@@ -14,6 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
+from .tokenizer import TOKENIZATIONS
+
+#: learning-rate warm-up shapes (see :func:`icthp.train.lr_multiplier`); the first is the default
+WARMUPS = ("log", "linear")
 
 
 def _f(default: Any, help: str):
@@ -38,7 +42,9 @@ class TrainConfig:
     gradient_accumulation_steps: int = _f(1, "micro-steps per optimiser step")
     learning_rate: float = _f(3e-6, "peak learning rate (AdamW)")
     weight_decay: float = _f(0.01, "AdamW weight decay")
-    warmup_steps: int = _f(500, "linear warm-up steps, then linear decay to 0 at max_steps")
+    warmup_steps: int = _f(500, "warm-up steps, then linear decay to 0 at max_steps (0: no warm-up)")
+    warmup: str = _f("log", "log: lr = peak*log(t+1)/log(warmup_steps) as the release (DeepSpeed WarmupDecayLR); "
+                     "linear: lr = peak*(t+1)/warmup_steps")
     max_steps: int = _f(5000, "optimiser steps (released: 5k ICT, 50k HP)")
     max_grad_norm: float = _f(1.0, "gradient clipping")
     mixed_precision: str = _f("bf16", "no | bf16 | fp16 (losses are always computed in fp32)")
@@ -48,6 +54,8 @@ class TrainConfig:
     neg_beta: float = _f(6.0, "beta of the negative weight w(x)")
     neg_logit_scale: float = _f(1.0, "s in w(x) = 1/(1+exp(alpha(|s x|-beta))); 1 as released (inert), 90 intended")
     e2_from_r1: bool = _f(False, "reproduce the released bug that took the E2 target from the R1 column")
+    tokenization: str = _f("open_clip", "open_clip: clean prompts as the released evaluation (ftfy, html, "
+                           "whitespace, lower case); transformers: the released training's tokenizer (no ftfy)")
     margin: float = _f(0.3, "margin of the HP and ICT-HP ranking losses")
     hp_weight: float = _f(1.0, "weight of the HP ranking term")
     ict_hp_weight: float = _f(1.0, "weight of the ICT-HP ranking term")
@@ -77,6 +85,12 @@ class TrainConfig:
         for name in ("hp_reduction", "ict_hp_reduction"):
             if getattr(self, name) not in ("mean", "sum"):
                 problems.append(f"{name} must be mean or sum, got {getattr(self, name)!r}")
+        if self.warmup not in WARMUPS:
+            problems.append(f"warmup must be {' or '.join(WARMUPS)}, got {self.warmup!r}")
+        if self.warmup_steps < 0:
+            problems.append(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.tokenization not in TOKENIZATIONS:
+            problems.append(f"tokenization must be {' or '.join(TOKENIZATIONS)}, got {self.tokenization!r}")
         if not 0 <= self.fix_rate <= 1:
             problems.append(f"fix_rate must be in [0, 1], got {self.fix_rate}")
         for name in ("per_device_batch_size", "gradient_accumulation_steps", "max_steps"):
@@ -156,9 +170,18 @@ def read_config(cls, path: str | os.PathLike | None = None, overrides: list[str]
     return cls(**values)
 
 
+#: what a run saved before a field existed did: a saved config without the key ran this way
+LEGACY_DEFAULTS: dict[str, Any] = {"warmup": "linear", "tokenization": "transformers"}
+
+
 def check_resumable(saved: dict[str, Any], current, free: frozenset[str] = RESUME_FREE) -> None:
-    """Refuse to resume under a config that differs in anything but the ``free`` fields."""
+    """Refuse to resume under a config that differs in anything but the ``free`` fields.
+
+    A key missing from the saved config (a run started before the key existed) stands for the behaviour
+    of that time (:data:`LEGACY_DEFAULTS`): such a run resumes only under that same behaviour.
+    """
     now = current.to_dict()
+    saved = {**{k: v for k, v in LEGACY_DEFAULTS.items() if k not in saved}, **saved}
     diff = {k: (saved.get(k), now[k]) for k in now if k not in free and saved.get(k) != now[k]}
     if diff:
         shown = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, a, b in ((k, *v) for k, v in diff.items()))

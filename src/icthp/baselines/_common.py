@@ -262,12 +262,13 @@ def load_clip(
     return model, config_to_dict(cfg), weights, file_dtype
 
 
-def clip_text_features(model: nn.Module, tokenizer, prompts: list[str], context_length: int) -> torch.Tensor:
+def clip_text_features(model: nn.Module, tokenizer, prompts: list[str], context_length: int,
+                       tokenization: str = "open_clip") -> torch.Tensor:
     """Projected text features ``[n, P]`` of a ``CLIPModel`` (pooled at the end-of-text token)."""
     from ..modeling import text_features
     from ..tokenizer import tokenize
 
-    ids, mask = tokenize(tokenizer, prompts, context_length)
+    ids, mask = tokenize(tokenizer, prompts, context_length, tokenization=tokenization)
     device = model.text_projection.weight.device
     return text_features(model, ids.to(device), mask.to(device))
 

@@ -26,7 +26,7 @@ from ..checkpoints import CheckpointInfo, fetch_directory, first_existing
 from ..errors import CheckpointError
 from ..modeling import architecture_dict, clip_config, vision_features
 from ..preprocess import PreprocessConfig
-from ..tokenizer import load_tokenizer
+from ..tokenizer import Tokenization, check_tokenization, load_tokenizer
 from ._common import (
     CLIP_HUB_PATTERNS,
     CLIP_WEIGHTS,
@@ -58,16 +58,31 @@ class CLIPCosineScorer(BaselineScorer):
         >>> clip.cosine(inputs, ["a cat"] * len(inputs))  # preprocessed inputs [B, 3, 224, 224]  # doctest: +SKIP
     """
 
+    #: how prompts become token ids (:mod:`icthp.tokenizer`), as each model's release does: open_clip's
+    #: cleaning for OpenCLIP models (CLIP-H, HPSv2); PickScore's release used transformers' tokenizer.
+    default_tokenization: Tokenization = "open_clip"
+
     def __init__(self, model: nn.Module, info: CheckpointInfo, preprocess: PreprocessConfig, tokenizer=None,
-                 max_cached_prompts: int = 10_000):
+                 max_cached_prompts: int = 10_000, tokenization: Tokenization | None = None):
         super().__init__(preprocess, {"model": model}, info, next(model.vision_model.parameters()).dtype)
         self.model = model
         self.context_length = context_length(info.architecture)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(info.path, self.context_length)
         self._prompts = PromptCache(self._encode, max_cached_prompts)
+        self.tokenization = tokenization or self.default_tokenization
+
+    @property
+    def tokenization(self) -> Tokenization:
+        """``"open_clip"`` or ``"transformers"`` (see :mod:`icthp.tokenizer`); setting it clears the prompt cache."""
+        return self._tokenization
+
+    @tokenization.setter
+    def tokenization(self, value: Tokenization) -> None:
+        self._tokenization = check_tokenization(value)
+        self._prompts.clear()
 
     def _encode(self, prompts: list[str]) -> torch.Tensor:
-        return clip_text_features(self.model, self.tokenizer, prompts, self.context_length)
+        return clip_text_features(self.model, self.tokenizer, prompts, self.context_length, self.tokenization)
 
     def text_embeddings(self, prompts: list[str]) -> torch.Tensor:
         """Normalised text features ``[B, P]`` (float32), each distinct prompt encoded once, no gradient."""
@@ -202,6 +217,8 @@ class PickScoreScorer(CLIPCosineScorer):
     """
 
     name = "pickscore"
+    # The release tokenises with transformers' CLIP tokenizer (AutoProcessor), without open_clip's cleaning.
+    default_tokenization: Tokenization = "transformers"
     needs_prompt = True
     component_names = ("pickscore",)
     main_component = "pickscore"

@@ -60,6 +60,10 @@ def model_key(scorer) -> str:
     extra = getattr(scorer, "cache_identity", None)
     if callable(extra):
         parts.append(str(extra()))
+    tokenization = getattr(scorer, "tokenization", None)
+    if tokenization and not getattr(scorer, "has_image_state", False):
+        # Entries of such a scorer are per (image, prompt): they depend on how prompts become ids.
+        parts.append(f"tokenization={tokenization}")
     info = getattr(scorer, "info", None)
     if info is not None:
         parts.append(f"{info.kind}:{info.path}")

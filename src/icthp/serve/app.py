@@ -86,9 +86,10 @@ class ServedModels:
             "device": str(self.scorer.device),
             "dtype": str(self.scorer.dtype).replace("torch.", ""),
             "image_size": self.preprocess.size,
+            "tokenization": self.scorer.tokenization,
             "components": components(self.scorer.checkpoints()),
             "baselines": [{"name": bname, "columns": list(b.component_names), "main": b.main_component,
-                           "components": components(b.checkpoints())}
+                           "tokenization": b.tokenization, "components": components(b.checkpoints())}
                           for bname, b in self.baselines.items()],
         }
 

@@ -40,6 +40,8 @@ class ModelsResponse(BaseModel):
     device: str
     dtype: str
     image_size: int
+    tokenization: str | None = Field(None, description="how prompts become token ids: open_clip (the released "
+                                     "evaluation's text cleaning) or transformers; null: the model reads no prompt")
     components: list[dict]
     baselines: list[dict] = Field(default_factory=list, description="baselines served beside the model")
     limits: dict[str, int | float]
