@@ -12,12 +12,16 @@ from PIL import Image
 
 
 class ServerThread:
-    """Run ``app`` with uvicorn on 127.0.0.1 (a free port) until :meth:`stop`."""
+    """Run ``app`` with uvicorn on 127.0.0.1 (a free port) until :meth:`stop`, under the settings
+    ``icthp serve`` uses (connection limit, header / keep-alive timeouts) from the app's ServeConfig."""
 
     def __init__(self, app):
         import uvicorn
 
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+        from icthp.serve.app import uvicorn_config
+
+        config = app.state.service.config
+        self.server = uvicorn.Server(uvicorn_config(app, config, host="127.0.0.1", port=0, log_level="warning",
                                                     timeout_graceful_shutdown=10))
         self.thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
 

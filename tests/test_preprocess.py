@@ -171,3 +171,77 @@ def test_torch_path_gradients_reach_every_kept_pixel(height, width):
     assert (across[kept] > 0).all(), "some pixel inside the crop gets no gradient"
     assert (along_long[dropped] == 0).all(), "pixels outside the crop get a gradient"
     assert kept.sum() > 0.6 * 224 * scale
+
+
+# --------------------------------------------------------------------------------------------- extreme aspect ratios
+# An 82-byte 20000 x 1 PNG passes any pixel limit, then "shortest side to 224" would build a 224 x 4.48M
+# image (4.6 GB, 14 s) before the crop. Memory and time must be bounded by the output size.
+
+
+@pytest.fixture()
+def resize_sizes(monkeypatch):
+    """Every size PIL is asked to resize to; a resize to more than 8 Mpx fails at once (as it would run out of
+    memory on a real service) instead of allocating gigabytes in the test."""
+    asked: list[tuple[int, int]] = []
+    original = Image.Image.resize
+
+    def recording(self, size, *args, **kwargs):
+        asked.append(tuple(size))
+        if size[0] * size[1] > 8_000_000:
+            raise MemoryError(f"resize to {size} asked for")
+        return original(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", recording)
+    return asked
+
+
+@pytest.mark.parametrize("size", [(20_000, 1), (1, 20_000), (2_000_000, 1), (16_777_216, 1), (30_000, 7)])
+def test_extreme_aspect_ratios_are_resized_within_the_output_size(resize_sizes, size):
+    from icthp.preprocess import MAX_EXACT_ASPECT
+
+    image = Image.new("RGB", size, (200, 30, 40))
+    out = pil_to_model_input(image)
+    assert out.shape == (3, 224, 224)
+    # A flat colour stays that colour: the crop holds real image content, not padding.
+    want = (torch.tensor([200, 30, 40]).view(3, 1, 1) / 255.0 - MEAN) / STD
+    assert (out - want).abs().max() < 1e-5
+    assert resize_sizes and all(w * h <= 224 * 224 * MAX_EXACT_ASPECT for w, h in resize_sizes)
+
+
+def test_extreme_aspect_ratio_files_are_read_and_bounded(tmp_path, resize_sizes):
+    # The 16777216 x 1 PNG (49 kB) ended in an OverflowError inside PIL's resize.
+    path = tmp_path / "line.png"
+    Image.new("RGB", (16_777_216, 1), (10, 200, 90)).save(path)
+    batch = preprocess_pil([path])
+    assert batch.shape == (1, 3, 224, 224) and torch.isfinite(batch).all()
+
+
+@pytest.mark.parametrize(("width", "height"), [(3000, 17), (17, 3000), (7200, 220)])
+def test_beyond_the_exact_range_the_crop_is_the_full_resize_up_to_rounding(width, height):
+    # The bounded path resizes only the kept region with the same filter and mapping; PIL may order its two
+    # passes differently for that smaller output, so values move by rounding only.
+    from icthp.preprocess import crop_box, resize_shape
+
+    image = generated(width, height, seed=3)
+    got = pil_to_model_input(image)
+    new_h, new_w = resize_shape(height, width, 224)
+    top, left = crop_box(new_h, new_w, 224)
+    full = image.resize((new_w, new_h), resample=Image.BICUBIC).crop((left, top, left + 224, top + 224))
+    want = (torch.from_numpy(np.asarray(full).copy()).permute(2, 0, 1).float() / 255 - MEAN) / STD
+    levels = ((got - want) * STD * 255).abs()
+    assert levels.mean() < 1.0 and levels.max() <= 40, (levels.mean(), levels.max())
+
+
+def test_up_to_the_limit_the_full_resize_runs_exactly(hf_image_processor, resize_sizes):
+    from icthp.preprocess import MAX_EXACT_ASPECT
+
+    image = generated(MAX_EXACT_ASPECT * 30, 30, seed=4)  # aspect exactly at the limit
+    got = pil_to_model_input(image)
+    assert resize_sizes == [(MAX_EXACT_ASPECT * 224, 224)]  # the released processor's own resize
+    assert (got - hf_pixels(hf_image_processor, image)).abs().max() <= 1e-6
+
+
+def test_torch_path_refuses_extreme_aspect_ratios():
+    with pytest.raises(ValueError, match=r"pixels of shape \[1, 3, 1, 20000\]: aspect ratio 20000:1 is beyond"):
+        preprocess_tensor(torch.rand(1, 3, 1, 20_000))
+    assert preprocess_tensor(torch.rand(1, 3, 10, 300)).shape == (1, 3, 224, 224)  # 30:1 is fine

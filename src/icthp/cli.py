@@ -555,6 +555,10 @@ def serve(
     max_request_mb: Annotated[float, typer.Option(help="Largest request body, in MiB.")] = 64.0,
     max_prompt_chars: Annotated[int, typer.Option(help="Longest prompt, in characters.")] = 2000,
     max_queue_images: Annotated[int, typer.Option(help="Images waiting before new requests get 503.")] = 1024,
+    max_connections: Annotated[int, typer.Option(help="Open connections beyond which new requests get 503.")] = 512,
+    header_timeout: Annotated[float, typer.Option(help="Seconds a connection has to send a whole request head.")] = 10.0,
+    body_timeout: Annotated[float, typer.Option(help="Seconds a request has to send its whole body (408 after).")] = 60.0,
+    keep_alive: Annotated[float, typer.Option(help="Seconds an idle keep-alive connection is kept.")] = 5.0,
     compile_towers: Annotated[bool, typer.Option("--compile", help="torch.compile the image towers.")] = False,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> int:
@@ -572,7 +576,9 @@ def serve(
                       token=token or None, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
                       max_images_per_request=max_images, max_image_pixels=max_image_pixels,
                       max_request_bytes=int(max_request_mb * 1024 * 1024), max_prompt_chars=max_prompt_chars,
-                      max_queue_images=max_queue_images, compile=compile_towers)
+                      max_queue_images=max_queue_images, max_connections=max_connections,
+                      header_timeout_s=header_timeout, body_timeout_s=body_timeout, keep_alive_s=keep_alive,
+                      compile=compile_towers)
     cfg.validate()
     _setup_logging(True)
     err.print(f"icthp serve: http://{host}:{port}/  ({model.value}; auth {'on' if cfg.token else 'off'})",

@@ -40,6 +40,10 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_IMAGE_PIXELS = 178_956_970
 RESIZE_MODES = ("shortest", "longest_pad")
 CROP_ROUNDINGS = ("floor", "round")
+# "Resize the shortest side to S, then crop S x S" builds an S x (S * aspect) image first: 4.5 GB for an
+# 82-byte 20000 x 1 PNG. Up to this aspect ratio the whole resized image is built, exactly as the released
+# processor does (224 x 7168 at most: a few MB); beyond it only the part the crop keeps is resized.
+MAX_EXACT_ASPECT = 32
 
 
 @dataclass(frozen=True)
@@ -158,10 +162,19 @@ def pil_to_model_input(image: Image.Image, cfg: PreprocessConfig = PreprocessCon
         return preprocess_tensor(arr[None].float() / 255.0, cfg)[0]
     w, h = image.size
     new_h, new_w = resize_shape(h, w, cfg.size)
-    if (new_h, new_w) != (h, w):
-        image = image.resize((new_w, new_h), resample=Image.BICUBIC)
     top, left = crop_box(new_h, new_w, cfg.size, cfg.crop_rounding)
-    image = image.crop((left, top, left + cfg.size, top + cfg.size))
+    if (new_h, new_w) == (h, w):
+        image = image.crop((left, top, left + cfg.size, top + cfg.size))
+    elif max(new_h, new_w) <= MAX_EXACT_ASPECT * cfg.size:
+        image = image.resize((new_w, new_h), resample=Image.BICUBIC)
+        image = image.crop((left, top, left + cfg.size, top + cfg.size))
+    else:
+        # An extreme aspect ratio: resize only the source region the crop keeps (PIL's `box`), so memory
+        # and time are bounded by the output. Same filter and pixel mapping; PIL may run its two passes in
+        # the other order for the smaller output, so values can differ from the full resize by rounding.
+        sx, sy = w / new_w, h / new_h
+        box = (left * sx, top * sy, (left + cfg.size) * sx, (top + cfg.size) * sy)
+        image = image.resize((cfg.size, cfg.size), resample=Image.BICUBIC, box=box)
     arr = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
     return normalize(arr.float() / 255.0, cfg)
 
@@ -198,6 +211,10 @@ def preprocess_tensor(pixels: torch.Tensor, cfg: PreprocessConfig = PreprocessCo
     """
     _, _, h, w = pixels.shape
     new_h, new_w = (pad_shape if cfg.resize == "longest_pad" else resize_shape)(h, w, cfg.size)
+    if max(new_h, new_w) > MAX_EXACT_ASPECT * cfg.size:
+        # The resized batch would be S x (S * aspect) per image before the crop (tens of GB for 1 x 20000).
+        raise ValueError(f"pixels of shape {list(pixels.shape)}: aspect ratio {max(h, w) / min(h, w):.0f}:1 is beyond "
+                         f"the {MAX_EXACT_ASPECT}:1 the differentiable path resizes; crop the images first")
     x = pixels
     if (new_h, new_w) != (h, w):
         # Antialiased bicubic is implemented for float32/float64 on every device; compute it in float32.

@@ -172,7 +172,8 @@ class _Service:
 
 
 class _Guard:
-    """Outermost layer: request-size limit (Content-Length and streamed bytes) and request counting."""
+    """Outermost layer: request-size limit (Content-Length and streamed bytes), the body deadline
+    (``body_timeout_s`` from the request head to the body's last byte: 408 after it) and request counting."""
 
     def __init__(self, app, service: _Service):
         self.app = app
@@ -191,14 +192,24 @@ class _Guard:
             await send(message)
 
         received = 0
+        timeout = self.service.config.body_timeout_s
+        deadline = time.monotonic() + timeout
+        body_done = False
 
         async def receive_limited():
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:  # after the body, receive() only waits for a disconnect: no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise RequestError(408, "request_timeout", f"the request body was not received within {timeout:g} s",
+                                   headers={"Connection": "close"}) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
                     raise RequestError(413, "request_too_large", f"request body exceeds {limit} bytes")
+                body_done = not message.get("more_body", False)
             return message
 
         try:
@@ -308,7 +319,8 @@ def create_app(config: ServeConfig | None = None, *, models: ServedModels | None
     async def models_info():
         """The loaded model, its score columns, device, and the service's limits."""
         loaded = require_ready()
-        limits = {k: v for k, v in config.public_dict().items() if k.startswith("max_")}
+        limits = {k: v for k, v in config.public_dict().items()
+                  if k.startswith("max_") or k in ("header_timeout_s", "body_timeout_s", "keep_alive_s")}
         return {**loaded.describe(), "limits": limits, "version": __version__}
 
     @app.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(require_token)])
@@ -325,7 +337,12 @@ def create_app(config: ServeConfig | None = None, *, models: ServedModels | None
         loaded = require_ready()
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type == "application/json":
-            parsed = parse_json(await request.body(), config, loaded.needs_prompt)
+            body = await request.body()
+            # Parsing is CPU-bound (up to max_request_bytes): in a worker thread, so /health and other
+            # requests are not held up behind it.
+            parsed = await asyncio.get_running_loop().run_in_executor(
+                service.decode_pool, parse_json, body, config, loaded.needs_prompt)
+            del body
         elif content_type == "multipart/form-data":
             form = await request.form(max_files=config.max_images_per_request + 1,
                                       max_fields=config.max_images_per_request + 8,
@@ -373,10 +390,77 @@ def _ranking(parsed: ScoreRequest, columns: dict[str, torch.Tensor], models: Ser
     return {"score": name, "values": values.tolist(), "order": order}
 
 
+def _protocol_with_header_timeout(header_timeout_s: float):
+    """uvicorn's h11 protocol, closing connections that do not complete a request head in time.
+
+    uvicorn bounds idle keep-alive connections but not one that opens and sends half a request line or
+    header block, then nothing: a few hundred of those hold the server's connection slots forever. The
+    timer starts when the connection opens, and again when bytes arrive while no request is in progress
+    (the next request of a keep-alive connection); it stops once a request head has been parsed.
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutH11Protocol(H11Protocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def _waiting_for_head(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
+        def _arm_head_timer(self) -> None:
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(header_timeout_s, self._head_timed_out)
+
+        def _disarm_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            if self._waiting_for_head() and not self.transport.is_closing():
+                logger.info("closing a connection from %s: no complete request head within %g s", self.client,
+                            header_timeout_s)
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm_head_timer()
+
+        def data_received(self, data: bytes) -> None:
+            if self._waiting_for_head():
+                self._arm_head_timer()
+            super().data_received(data)
+            if not self._waiting_for_head():
+                self._disarm_head_timer()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm_head_timer()
+            super().connection_lost(exc)
+
+    return HeaderTimeoutH11Protocol
+
+
+def uvicorn_config(app, config: ServeConfig, **overrides):
+    """The ``uvicorn.Config`` the service runs under: its connection limit and timeouts from ``config``.
+
+    Example:
+        >>> import uvicorn
+        >>> cfg = ServeConfig(ict="tiny-random", hp="tiny-random")
+        >>> uvicorn.Server(uvicorn_config(create_app(cfg), cfg)).run()  # doctest: +SKIP
+    """
+    import uvicorn
+
+    settings = dict(host=config.host, port=config.port, http=_protocol_with_header_timeout(config.header_timeout_s),
+                    limit_concurrency=config.max_connections, timeout_keep_alive=config.keep_alive_s,
+                    timeout_graceful_shutdown=30)
+    settings.update(overrides)
+    return uvicorn.Config(app, **settings)
+
+
 def run(config: ServeConfig, *, log_level: str = "info", graceful_timeout_s: float = 30.0) -> None:
     """Start uvicorn with :func:`create_app` (blocks until stopped; SIGINT/SIGTERM finish in-flight requests)."""
     import uvicorn
 
     config.validate()
-    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level=log_level,
-                timeout_graceful_shutdown=graceful_timeout_s)
+    uvicorn.Server(uvicorn_config(create_app(config), config, log_level=log_level,
+                                  timeout_graceful_shutdown=graceful_timeout_s)).run()

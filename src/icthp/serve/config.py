@@ -44,6 +44,12 @@ class ServeConfig:
         max_images_per_request: most images in one request.
         max_image_pixels: largest width * height of one image, checked from the header before decoding.
         max_prompt_chars: longest prompt accepted (CLIP reads at most 77 tokens anyway).
+        max_connections: open connections (and requests in flight) beyond which new requests get 503
+            (uvicorn's ``limit_concurrency``).
+        header_timeout_s: a connection must send a whole request head (line and headers) within this
+            many seconds of opening, or of its first byte after a keep-alive pause; it is closed otherwise.
+        body_timeout_s: a request must send its whole body within this many seconds of its head (408).
+        keep_alive_s: an idle keep-alive connection is closed after this many seconds.
         decode_workers: threads decoding and resizing images.
         compile: ``torch.compile`` the image towers at start-up.
     """
@@ -64,6 +70,10 @@ class ServeConfig:
     max_images_per_request: int = 64
     max_image_pixels: int = 4096 * 4096
     max_prompt_chars: int = 2000
+    max_connections: int = 512
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    keep_alive_s: float = 5.0
     decode_workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
     compile: bool = False
 
@@ -80,6 +90,12 @@ class ServeConfig:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
         if self.max_wait_ms < 0:
             raise ValueError(f"max_wait_ms: expected >= 0, got {self.max_wait_ms}")
+        if int(self.max_connections) < 1:
+            raise ValueError(f"max_connections: expected >= 1, got {self.max_connections}")
+        for name in ("header_timeout_s", "body_timeout_s", "keep_alive_s"):
+            value = float(getattr(self, name))
+            if not 0 < value < float("inf"):
+                raise ValueError(f"{name}: expected a positive number of seconds, got {getattr(self, name)}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port: expected 0..65535, got {self.port}")
         if self.max_queue_images < self.max_images_per_request:

@@ -126,6 +126,11 @@ def check_prompts(prompt: object, prompts: object, n: int, needs_prompt: bool,
         if len(p) > config.max_prompt_chars:
             raise RequestError(400, "prompt_too_long",
                                f"prompt {i} has {len(p)} characters; the limit is {config.max_prompt_chars}", index=i)
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate, from a JSON "\ud800" escape
+            raise RequestError(400, "invalid_prompt", f"prompt {i} is not valid Unicode ({exc.reason} at "
+                                                      f"character {exc.start})", index=i) from None
     return prompts
 
 
@@ -137,11 +142,31 @@ def check_count(n: int, config: ServeConfig) -> None:
                            f"{n} images in one request; the limit is {config.max_images_per_request}")
 
 
+def max_json_values(config: ServeConfig) -> int:
+    """An upper bound on the ``{``, ``[`` and ``,`` bytes of a valid request body.
+
+    A valid body holds a few fields, at most ``max_images_per_request`` images (one comma each, plus the
+    comma of a ``data:`` URL) and as many prompts, whose characters may be anything. Counting these bytes
+    (in C, before parsing) refuses a body such as ``{"images": [{}, {}, ...]}``, whose tens of millions of
+    values would take gigabytes to parse, at the cost of a scan.
+    """
+    per_image = 4 + config.max_prompt_chars
+    return 64 + 2 * config.max_images_per_request * per_image
+
+
 def parse_json(body: bytes, config: ServeConfig, needs_prompt: bool) -> ScoreRequest:
+    """A JSON request body -> :class:`ScoreRequest` (run it in a worker thread: it is CPU-bound)."""
+    bound = max_json_values(config)
+    values = body.count(b"{") + body.count(b"[") + body.count(b",")
+    if values > bound:
+        raise RequestError(400, "invalid_json", f"request body has {values} JSON objects, lists or items; a request "
+                                                f"within the limits has at most {bound}")
     try:
         payload = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RequestError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise RequestError(400, "invalid_json", "request body is nested too deeply") from None
     if not isinstance(payload, dict):
         raise RequestError(400, "invalid_json", "request body: expected a JSON object")
     unknown = set(payload) - {"prompt", "prompts", "images", "array"}
