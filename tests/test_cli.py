@@ -100,7 +100,7 @@ def test_resume_scores_nothing_twice(tmp_path, mixed_manifest, monkeypatch):
     monkeypatch.setattr(ICTHPScorer, "components", counting)
     assert main(["score", str(manifest), *TINY, "-o", str(out), "--batch-size", "2"]) == 130
     assert not out.exists(), "an interrupted job must not leave a half-written output"
-    journaled = read_rows(journal_path(out)) if journal_path(out).suffix == ".jsonl" else None
+    journaled = Journal.read(journal_path(out)) if journal_path(out).suffix == ".jsonl" else None
     assert journaled is not None and len(journaled) == 4  # two full batches (one holds the corrupt file)
 
     seen.clear()
@@ -284,7 +284,7 @@ def test_killed_job_resumes_without_rescoring(tmp_path):
     journal = journal_path(out)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if journal.exists() and journal.read_text().count("\n") >= 5:
+        if journal.exists() and journal.read_text().count("\n") >= 6:  # the header line + 5 rows
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.01)

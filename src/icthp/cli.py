@@ -172,10 +172,12 @@ def score(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from . import __version__
-    from .files import ImageItem, check_prompt_text, discover
+    from .files import ImageItem, check_output, check_prompt_text, discover
     from .jobs import run_score_job
     from .scoring import load
 
+    if output is not None:  # before reading anything or loading a model
+        check_output(output, inputs, resume=resume, overwrite=overwrite)
     items = discover(inputs, recursive=recursive, image_columns=image_column, prompt_column=prompt_column)
     if prompt is not None:
         check_prompt_text(prompt, "--prompt")
@@ -398,8 +400,11 @@ def bench(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from .bench.evaluate import run_bench, write_bench
+    from .files import check_writable
     from .registry import MODELS
     from .scoring import load
+
+    check_writable(output_dir / "results.json", "--output-dir")  # before loading any model
 
     specs = {}
     for spec in model or ["ict-hp", "ict", "hp"]:
@@ -508,8 +513,13 @@ def metrics(
     """
     _setup_logging(False)
     from .bench.quality import image_metrics, summarise
-    from .files import discover, write_table
+    from .errors import InputError
+    from .files import check_table_path, check_writable, discover, write_table
 
+    if output is not None:  # before loading the aesthetic model
+        check_writable(check_table_path(output))
+        if any(Path(i).exists() and Path(i).resolve() == output.resolve() for i in inputs):
+            raise InputError(f"output {output} is one of the inputs; write the metrics to a new file")
     images = list(dict.fromkeys(item.image for item in discover(inputs, recursive=recursive)))
     scorer = None
     if aesthetic:

@@ -12,18 +12,19 @@ renamed into place, and long jobs append finished rows to a journal (``<output>.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import os
-import tempfile
+import secrets
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
+from .errors import InputError, JobError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MANIFEST_EXTENSIONS = (".jsonl", ".csv", ".parquet")
@@ -204,19 +205,133 @@ def discover(
 # --------------------------------------------------------------------------------------------- writing
 
 
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; it replaces ``path`` only if the block succeeds."""
+def _sibling_name(path: Path, suffix: str = ".tmp") -> Path:
+    return path.with_name(f".{path.name}.{secrets.token_hex(6)}{suffix}")
+
+
+def new_temp_file(path: str | os.PathLike) -> Path:
+    """Create an empty, uniquely named file beside ``path`` with the permissions the umask gives.
+
+    ``tempfile.mkstemp`` creates 0600 files: an output renamed from one would be unreadable by the group
+    and others whatever the user's umask says.
+    """
+    path = Path(path)
+    while True:
+        tmp = _sibling_name(path)
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def new_temp_dir(path: str | os.PathLike) -> Path:
+    """Create a uniquely named directory beside ``path`` with the permissions the umask gives (not mkdtemp's
+    0700), for directories written in full and then renamed into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    while True:
+        tmp = _sibling_name(path)
+        try:
+            os.mkdir(tmp, 0o777)
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system says (Linux ``/proc/self/status``)."""
     try:
-        yield Path(tmp)
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (a brief change, at most once per written tree)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(root: str | os.PathLike) -> None:
+    """Give a tree icthp just wrote the permissions the umask gives new files (0644 / 0755 under 022).
+
+    Some writers create private files whatever the umask: safetensors writes a 0600 temporary file and
+    renames it, so weights (and LoRA files) would be unreadable to the group and others.
+    """
+    root = Path(root)
+    mask = current_umask()
+    for p in [root, *root.rglob("*")] if root.is_dir() else [root]:
+        if p.is_symlink():
+            continue
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; it replaces ``path`` only if the block succeeds.
+
+    The file gets the permissions the umask gives (0644 under umask 022), as a file written in place would.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = new_temp_file(path)
+    try:
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
+    """Refuse, before any work, an output that cannot be written: its folder cannot be created or written
+    (``/proc``, a read-only mount, a file standing where a folder should be), or the path is a folder.
+
+    Creates the missing parent folders (the output would need them anyway) and a probe file, removed at once.
+
+    Raises:
+        InputError: naming the output and the reason.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{what} {path} is a folder; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new_temp_file(path).unlink()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise InputError(f"{what} {path} cannot be written: {reason}"
+                         + (f" ({exc.filename})" if exc.filename and str(exc.filename) != str(path) else "")) from None
+    return path
+
+
+def check_output(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), *, resume: bool = False,
+                 overwrite: bool = False, what: str = "output") -> Path:
+    """The checks every batch job runs on its output table before loading a model or reading an image.
+
+    Refuses an output that is one of the ``inputs`` (it would be overwritten), that cannot be written, that
+    exists without ``resume`` or ``overwrite``, or that has an interrupted job's journal beside it without
+    either (rerunning would delete finished work).
+
+    Raises:
+        InputError: saying which of ``--resume`` / ``--overwrite`` to pass, or what else to do.
+    """
+    out = check_table_path(path)
+    target = out.resolve()
+    for source in inputs:
+        source = Path(source)
+        if source.exists() and source.resolve() == target:
+            raise InputError(f"{what} {out} is the input {source}; write the results to a new file")
+    check_writable(out, what)
+    journal = journal_path(out)
+    if not (resume or overwrite):
+        if out.exists():
+            raise InputError(f"{what} {out} exists; pass --resume to continue it or --overwrite to replace it")
+        if journal.exists():
+            raise InputError(f"{journal} holds the finished rows of an interrupted job writing {out}; pass --resume "
+                             "to continue it or --overwrite to discard them and start again")
+    return out
 
 
 def check_table_path(path: str | os.PathLike) -> Path:
@@ -232,12 +347,15 @@ def write_table(rows: Sequence[dict[str, Any]], path: str | os.PathLike, metadat
     """Write rows as CSV, JSONL or Parquet (by extension), atomically.
 
     Parquet files carry ``metadata`` in their schema (key ``icthp``); for every format it is also written
-    to ``<path>.meta.json`` when given.
+    to ``<path>.meta.json`` when given. Both files are written in full before either replaces an old one,
+    so a full disk leaves the old pair (or nothing) in place, never a table beside another job's metadata.
     """
     path = check_table_path(path)
     columns = list(dict.fromkeys(k for r in rows for k in r))
     suffix = path.suffix.lower()
-    with atomic_path(path) as tmp:
+    with contextlib.ExitStack() as stack:
+        meta_tmp = stack.enter_context(atomic_path(meta_path(path))) if metadata is not None else None
+        tmp = stack.enter_context(atomic_path(path))
         if suffix == ".csv":
             with tmp.open("w", encoding="utf-8", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=columns)
@@ -256,9 +374,8 @@ def write_table(rows: Sequence[dict[str, Any]], path: str | os.PathLike, metadat
             if metadata:
                 table = table.replace_schema_metadata({"icthp": json.dumps(metadata)})
             pq.write_table(table, tmp)
-    if metadata is not None:
-        with atomic_path(meta_path(path)) as tmp:
-            tmp.write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+        if meta_tmp is not None:
+            meta_tmp.write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
     return path
 
 
@@ -281,34 +398,95 @@ def journal_path(path: str | os.PathLike) -> Path:
     return Path(f"{path}.partial.jsonl")
 
 
+#: key of a journal's first line, which describes the job (the model and settings that wrote its rows)
+JOURNAL_HEADER = "icthp_journal"
+
+
 class Journal:
     """Append-only JSONL of finished rows; every append is flushed and fsynced, so a kill loses at most
-    the line being written (a torn last line is ignored on reading)."""
+    the line being written.
 
-    def __init__(self, path: str | os.PathLike):
+    The first line is a header, ``{"icthp_journal": 1, ...}``, describing the job that writes the rows
+    (``header=``): a resume compares it with its own and refuses another model or setting. A torn last line
+    (a kill or a full disk during a write) is cut off when the journal is opened again, so new rows never
+    join it; lines that cannot be decoded are skipped when reading.
+
+    Example:
+        >>> j = Journal("out.csv.partial.jsonl", header={"model": "ict-hp"})  # doctest: +SKIP
+        >>> j.append([{"image": "a.png", "ict": 0.3}]); j.close()  # doctest: +SKIP
+        >>> Journal.header("out.csv.partial.jsonl"), Journal.read("out.csv.partial.jsonl")  # doctest: +SKIP
+        ({'icthp_journal': 1, 'model': 'ict-hp'}, [{'image': 'a.png', 'ict': 0.3}])
+    """
+
+    def __init__(self, path: str | os.PathLike, header: dict[str, Any] | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._cut_torn_tail()
         self._f = self.path.open("a", encoding="utf-8")
+        if header is not None and self._f.tell() == 0:
+            self._write([{JOURNAL_HEADER: 1, **header}])
 
-    def append(self, rows: Iterable[dict[str, Any]]) -> None:
-        for r in rows:
-            self._f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    def _cut_torn_tail(self) -> None:
+        if not self.path.is_file():
+            return
+        with self.path.open("rb+") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size == 0:
+                return
+            # Find the end of the last complete line, reading backwards a block at a time.
+            end, block = size, 1 << 16
+            while end > 0:
+                start = max(0, end - block)
+                f.seek(start)
+                chunk = f.read(end - start)
+                if end == size and chunk.endswith(b"\n"):
+                    return  # intact
+                nl = chunk.rfind(b"\n")
+                if nl >= 0:
+                    f.truncate(start + nl + 1)
+                    return
+                end = start
+            f.truncate(0)
+
+    def _put(self, text: str) -> None:
+        self._f.write(text)
         self._f.flush()
         os.fsync(self._f.fileno())
 
+    def _write(self, rows: Iterable[dict[str, Any]]) -> None:
+        try:
+            self._put("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        except OSError as exc:
+            raise JobError(f"cannot write the journal {self.path}: {exc.strerror or exc}; the rows finished before are "
+                           "kept in it: free space (or fix the disk) and rerun with --resume") from exc
+
+    def append(self, rows: Iterable[dict[str, Any]]) -> None:
+        self._write(rows)
+
     def close(self) -> None:
-        self._f.close()
+        with contextlib.suppress(OSError):  # the data of a failed write; the journal holds what was fsynced
+            self._f.close()
+
+    @staticmethod
+    def _lines(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
+        path = Path(path)
+        if not path.is_file():
+            return
+        with path.open(encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a torn line (of a killed run, or of an older icthp that appended to one)
+                if isinstance(obj, dict):
+                    yield obj
 
     @staticmethod
     def read(path: str | os.PathLike) -> list[dict[str, Any]]:
-        path = Path(path)
-        if not path.is_file():
-            return []
-        rows = []
-        with path.open(encoding="utf-8") as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    break  # torn last line of a killed run
-        return rows
+        """The journaled rows (without the header)."""
+        return [r for r in Journal._lines(path) if JOURNAL_HEADER not in r]
+
+    @staticmethod
+    def header(path: str | os.PathLike) -> dict[str, Any] | None:
+        """The journal's header line, or None (no journal, or one written before journals had headers)."""
+        return next((r for r in Journal._lines(path) if JOURNAL_HEADER in r), None)

@@ -9,6 +9,9 @@ their path either way.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -19,8 +22,76 @@ from typing import Any
 import torch
 
 from .errors import JobError
-from .files import ImageItem, InputError, Journal, check_table_path, journal_path, read_rows, write_table
+from .files import (
+    ImageItem,
+    InputError,
+    Journal,
+    check_output,
+    journal_path,
+    meta_path,
+    read_rows,
+    write_table,
+)
 from .scoring import Scorer, ict_hp_group, iter_batches, to_device
+
+# Bytes read from each end of a weight file for its fingerprint: a different file of the same size differs
+# in its header (safetensors offsets) or its tail (a .bin's zip directory and CRCs); hashing gigabytes
+# on every run would not be worth it.
+_FINGERPRINT_BYTES = 1 << 20
+
+
+def weights_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
+    """Name, size and a hash of the first and last MiB of a weight file: the same for a copy of it,
+    different for other weights.
+
+    Example:
+        >>> weights_fingerprint("ict/model.safetensors")  # doctest: +SKIP
+        {'name': 'model.safetensors', 'size': 1710661984, 'sha256_ends': '5b0c...'}
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            h.update(f.read(_FINGERPRINT_BYTES))
+            if size > _FINGERPRINT_BYTES:
+                f.seek(max(_FINGERPRINT_BYTES, size - _FINGERPRINT_BYTES))
+                h.update(f.read())
+        return {"name": path.name, "size": size, "sha256_ends": h.hexdigest()}
+    except OSError as exc:
+        return {"name": path.name, "error": exc.strerror or type(exc).__name__}
+
+
+def scorer_identity(scorer: Scorer) -> dict[str, Any]:
+    """What makes two scorers' rows comparable: model, score columns, precision, tokenization and the
+    fingerprints of every weight file. Recorded with every output and journal; a resume must match it."""
+    return {
+        "model": scorer.name,
+        "columns": list(scorer.component_names or (scorer.name,)),
+        "dtype": str(scorer.dtype).replace("torch.", ""),
+        "tokenization": scorer.tokenization,
+        "weights": {i.kind: [weights_fingerprint(f) for f in i.files] for i in scorer.checkpoints()},
+    }
+
+
+def check_same_job(previous: dict[str, Any] | None, current: dict[str, Any], where: Path) -> None:
+    """Refuse to continue ``where`` (a journal or output) unless it was written by the same model and settings.
+
+    Raises:
+        InputError: naming what differs, and ``--overwrite`` as the way to start again.
+    """
+    if previous is None:
+        raise InputError(f"{where} does not say which model wrote it (written by an earlier icthp, or not by "
+                         "icthp): its rows cannot be trusted to match; pass --overwrite to start again")
+    previous = {k: previous.get(k) for k in current}
+    if previous != current:
+        # Through JSON, so that tuples and lists compare equal.
+        differ = [k for k in current if json.loads(json.dumps(previous[k])) != json.loads(json.dumps(current[k]))]
+        if differ:
+            shown = "; ".join(f"{k}: was {json.dumps(previous[k])[:200]}, now {json.dumps(current[k])[:200]}"
+                              for k in differ)
+            raise InputError(f"cannot resume {where}: it was written by another model or setting ({shown}); rerun "
+                             "with the same model, weights and --dtype, or pass --overwrite to start again")
 
 
 @dataclass
@@ -111,24 +182,29 @@ def run_score_job(
             )
     start = time.perf_counter()
     columns = scorer.component_names or (scorer.name,)
-    out_path = check_table_path(output) if output is not None else None
+    identity = scorer_identity(scorer)
+    out_path = check_output(output, resume=resume, overwrite=overwrite) if output is not None else None
     journal_file = journal_path(out_path) if out_path is not None else None
     done: dict[tuple[str, str | None], dict[str, Any]] = {}
     if out_path is not None:
         if resume:
-            previous = read_rows(out_path) if out_path.exists() else []
+            previous = []
+            if out_path.exists():
+                check_same_job(_output_identity(out_path), identity, out_path)
+                previous = read_rows(out_path)
+            if journal_file.exists():
+                check_same_job(Journal.header(journal_file), identity, journal_file)
             for r in previous + Journal.read(journal_file):
                 if not r.get("error"):
                     done[(r["image"], r.get("prompt") or None)] = r
-        elif out_path.exists() and not overwrite:
-            raise InputError(f"output {out_path} exists; pass --resume to continue it or --overwrite to replace it")
-        elif journal_file.exists():
+        elif journal_file.exists():  # overwrite: the interrupted job's rows are discarded
             journal_file.unlink()
+    metadata = {**(metadata or {}), "identity": identity}
 
     # Each distinct (image, prompt) is scored once, even if listed twice.
     todo_keys = list(dict.fromkeys(it.key for it in items if it.key not in done))
     results: dict[tuple[str, str | None], tuple[dict[str, float | None], str | None]] = {}
-    journal = Journal(journal_file) if journal_file is not None else None
+    journal = Journal(journal_file, header=identity) if journal_file is not None else None
     reused = sum(1 for it in items if it.key in done)
     if progress is not None and reused:
         progress(reused)
@@ -175,6 +251,21 @@ def run_score_job(
         rows.append(row)
     _add_ranks(rows, scorer.main_component or scorer.name)
     if out_path is not None:
-        write_table(rows, out_path, metadata)
+        try:
+            write_table(rows, out_path, metadata)
+        except OSError as exc:
+            raise JobError(f"cannot write {out_path}: {exc.strerror or exc}; every scored row is kept in {journal_file}: "
+                           "free space (or fix the disk) and rerun with --resume") from exc
         journal_file.unlink(missing_ok=True)
     return ScoreJobResult(rows, len(todo_keys), reused, errors, out_path, time.perf_counter() - start)
+
+
+def _output_identity(path: Path) -> dict[str, Any] | None:
+    """The identity recorded beside a finished output (``<output>.meta.json``), or None."""
+    meta = meta_path(path)
+    if not meta.is_file():
+        return None
+    try:
+        return json.loads(meta.read_text(encoding="utf-8")).get("identity")
+    except (OSError, ValueError, AttributeError):
+        return None

@@ -32,7 +32,8 @@ import torch
 
 from .data import Triplet, write_manifest
 from .errors import InputError
-from .files import Journal, atomic_path, check_table_path, journal_path, meta_path
+from .files import Journal, atomic_path, check_output, journal_path, meta_path
+from .jobs import check_same_job, scorer_identity
 from .scoring import ICTScorer, iter_batches, to_device
 
 DEFAULT_LABEL_CLIP = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -123,12 +124,7 @@ def check_label_output(output: str | Path, source: str | Path | None = None, *, 
     Raises:
         InputError: with what to do instead.
     """
-    out = check_table_path(output)
-    if source is not None and out.resolve() == Path(source).resolve():
-        raise InputError(f"output {out} is the input; labels are written to a new manifest")
-    if out.exists() and not (resume or overwrite):
-        raise InputError(f"output {out} exists; pass --resume to continue it or --overwrite to replace it")
-    return out
+    return check_output(output, [] if source is None else [source], resume=resume, overwrite=overwrite)
 
 
 @dataclass
@@ -172,7 +168,14 @@ def label_job(
     keys = {t.index: _row_key(t) for t in triplets}
     journal_file = journal_path(out)
     done: dict[int, dict[str, float]] = {}
+    # The labelling CLIP's weights and settings; theta and the clamp are checked row by row below.
+    identity = {"labelling_clip": scorer_identity(clip)}
     if resume:
+        if journal_file.exists():
+            header = Journal.header(journal_file)
+            # Journals of earlier icthp versions have no header: their rows are checked one by one below.
+            if header is not None:
+                check_same_job(header, identity, journal_file)
         for r in Journal.read(journal_file):
             index = int(r["index"])
             # Journals written before the clamp was an option were clamped.
@@ -189,14 +192,15 @@ def label_job(
             done[index] = {k: float(r[k]) for k in ("E1", "E2", "R1", "R2")}
         if out.exists() and not done:
             # A finished output (no journal left): reuse it if it is this job's, row for row.
-            for t, p in zip(triplets, _finished_output(out, triplets, keys, theta, clamp_negative), strict=True):
+            finished = _finished_output(out, triplets, keys, theta, clamp_negative, identity)
+            for t, p in zip(triplets, finished, strict=True):
                 done[t.index] = {k: getattr(p, k) for k in ("E1", "E2", "R1", "R2")}
-    elif journal_file.exists():
+    elif journal_file.exists():  # overwrite (check_label_output refused it otherwise)
         journal_file.unlink()
     todo = [t for t in triplets if t.index not in done]
     if progress is not None and len(triplets) - len(todo):
         progress(len(triplets) - len(todo))
-    journal = Journal(journal_file)
+    journal = Journal(journal_file, header=identity)
     try:
         for start in range(0, len(todo), rows_per_chunk):
             chunk = todo[start : start + rows_per_chunk]
@@ -225,6 +229,7 @@ def label_job(
         "labelling_clip": None if info is None else {"source": info.source, "path": info.path,
                                                      "layout": info.layout, "untrained": info.untrained},
         "dtype": str(getattr(clip, "dtype", "")).replace("torch.", ""),
+        "identity": identity,
     }
     with atomic_path(meta_path(out)) as tmp:
         tmp.write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
@@ -233,7 +238,7 @@ def label_job(
 
 
 def _finished_output(out: Path, triplets: Sequence[Triplet], keys: dict[int, str], theta: float,
-                     clamp_negative: bool) -> list[Triplet]:
+                     clamp_negative: bool, identity: dict[str, Any]) -> list[Triplet]:
     """The rows of a finished output, if it is this job's (same rows, theta and clamp); else an error."""
     from .data import read_triplets
 
@@ -246,6 +251,8 @@ def _finished_output(out: Path, triplets: Sequence[Triplet], keys: dict[int, str
         if bool(previous.get("clamp_negative", True)) != clamp_negative:
             raise InputError(f"output {out} was labelled with clamp_negative {not clamp_negative}, not "
                              f"{clamp_negative}; pass --overwrite to relabel it")
+        if "identity" in previous:  # outputs of earlier icthp versions name the CLIP but not its files
+            check_same_job(previous["identity"], identity, out)
     previous = read_triplets(out)
     if len(previous) != len(triplets) or not all(p.has_labels for p in previous) or \
             any(_row_key(p) != keys[t.index] for t, p in zip(triplets, previous, strict=True)):

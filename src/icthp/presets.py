@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -122,8 +121,9 @@ def tiny_preset_dir(seed: int = 0) -> Path:
     target = cache_dir() / "presets" / f"tiny-random-seed{seed}"
     if (target / PRESET_MARKER).is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-random.", dir=target.parent))
+    from .files import new_temp_dir
+
+    tmp = new_temp_dir(target)  # the umask's permissions (mkdtemp would make it 0700)
     try:
         write_tiny_preset(tmp, seed)
         try:

@@ -145,6 +145,9 @@ def _load_one(image: ImageInput, cfg: PreprocessConfig) -> torch.Tensor | ImageL
         return pil_to_model_input(load_image(image), cfg)
     except ImageLoadError as exc:
         return exc
+    except Exception as exc:  # one image PIL cannot resize (or any other failure) is that image's error
+        name = f"<{len(image)} bytes>" if isinstance(image, (bytes, bytearray)) else str(image)
+        return ImageLoadError(name, f"{type(exc).__name__}: {exc}")
 
 
 def iter_batches(

@@ -99,5 +99,8 @@ def write_tiny_pipeline(directory: str | os.PathLike, kind: str = "sd3", seed: i
     if pipe is None:
         raise ValueError(f"kind: expected sd3 or sd, got {kind!r}")
     pipe.save_pretrained(directory)
+    from ..files import honour_umask
+
+    honour_umask(directory)  # safetensors writes its files 0600
     (directory / "ICTHP_UNTRAINED.txt").write_text(f"tiny random {kind} pipeline (seed {seed}): for tests only\n")
     return directory

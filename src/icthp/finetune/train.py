@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from ..files import honour_umask
 from .config import RESUME_FREE, FinetuneConfig
 from .draft import DraftSampler, denoiser_of, pipeline_kind
 from .rewards import Reward, load_reward
@@ -130,6 +131,7 @@ def save_lora(pipe, directory: Path) -> Path:
         type(pipe).save_lora_weights(tmp, transformer_lora_layers=state)
     else:
         type(pipe).save_lora_weights(tmp, unet_lora_layers=state)
+    honour_umask(tmp)  # safetensors writes its files 0600
     shutil.rmtree(directory, ignore_errors=True)
     tmp.rename(directory)
     return directory
