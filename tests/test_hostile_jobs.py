@@ -17,10 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import icthp
 from icthp.cli import main
 from icthp.files import Journal, journal_path, meta_path, read_rows
-from icthp.scoring import HPScorer, ICTHPScorer
+from icthp.scoring import ICTHPScorer
 
 TINY = ["--ict", "tiny-random", "--hp", "tiny-random"]
 N_IMAGES = 8
@@ -253,7 +252,7 @@ def test_resume_of_labels_with_another_clip_is_refused(tmp_path, monkeypatch, ot
     with pytest.raises(KeyboardInterrupt):
         label_job(ICTScorer.from_pretrained("tiny-random"), triplets, out, theta=0.3, rows_per_chunk=2)
     monkeypatch.undo()
-    with pytest.raises(InputError, match="cannot resume .*labelling_clip"):
+    with pytest.raises(InputError, match=r"cannot resume .*labelling_clip"):
         label_job(ICTScorer.from_pretrained(other_weights / "ict"), triplets, out, theta=0.3, resume=True)
     with pytest.raises(InputError, match="interrupted job"):  # a rerun without --resume keeps the journal
         label_job(ICTScorer.from_pretrained("tiny-random"), triplets, out, theta=0.3)
@@ -349,7 +348,6 @@ def test_outputs_honour_the_umask(manifest, tmp_path, umask_022):
 def test_lora_files_honour_the_umask(tmp_path, umask_022):
     pytest.importorskip("peft")
     pytest.importorskip("diffusers")
-    import torch
     from peft import LoraConfig
 
     from icthp.finetune.tiny import tiny_sd3_pipeline
@@ -358,7 +356,7 @@ def test_lora_files_honour_the_umask(tmp_path, umask_022):
     pipe = tiny_sd3_pipeline()
     denoiser_of(pipe).add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_k"], init_lora_weights="gaussian"))
     lora = save_lora(pipe, tmp_path / "lora")
-    assert lora.is_dir() and torch.__version__
+    assert lora.is_dir()
     modes = _modes(lora)
     assert all(m == (0o755 if (lora / k).is_dir() else 0o644) for k, m in modes.items()), modes
 
@@ -385,4 +383,3 @@ def test_an_image_that_fails_in_preprocessing_is_reported_not_fatal(manifest, tm
     assert [Path(r["image"]).name for r in bad] == ["img3.png"]
     assert "OverflowError" in bad[0]["error"] and sum(1 for r in rows if r["ict_hp"] is not None) == N_IMAGES - 1
     assert "img3.png" in capsys.readouterr().err
-    assert HPScorer is not None and icthp.__version__
