@@ -188,7 +188,7 @@ def test_second_run_with_one_more_scorer_reuses_cached_embeddings(generated, mon
     hp = icthp.load("hp", hp="tiny-random")
     ict_count, hp_count = _Counting(ict, monkeypatch), _Counting(hp, monkeypatch)
     first = run_bench(manifest, {"ict": ict}, cache_dir=tmp_path / "cache")
-    assert ict_count.images == 9 and first.stats["ict"] == {"entries": 9, "cached": 0, "computed": 9}
+    assert ict_count.images == 9 and first.stats["ict"] == {"entries": 9, "cached": 0, "computed": 9, "recomputed": 0}
     second = run_bench(manifest, {"ict": ict, "hp": hp}, cache_dir=tmp_path / "cache")
     assert ict_count.images == 9  # no ICT forward on the second run
     assert hp_count.images == 9 and second.stats["hp"]["computed"] == 9
@@ -196,7 +196,7 @@ def test_second_run_with_one_more_scorer_reuses_cached_embeddings(generated, mon
     # ICT-HP built from the same checkpoints needs no forward at all: its parts are the ict and hp caches
     both = icthp.ICTHPScorer(ict, hp)
     third = run_bench(manifest, {"ict-hp": both}, cache_dir=tmp_path / "cache")
-    assert third.stats["ict-hp"] == {"entries": 18, "cached": 18, "computed": 0}
+    assert third.stats["ict-hp"] == {"entries": 18, "cached": 18, "computed": 0, "recomputed": 0}
     assert ict_count.images == 9 and hp_count.images == 9
 
 
@@ -221,7 +221,7 @@ def test_interrupted_bench_resumes_without_recomputing(generated, monkeypatch, t
         run_bench(manifest, {"hp": hp}, cache_dir=tmp_path / "cache", batch_size=4, num_workers=1)
     monkeypatch.setattr(hp, "image_state", real)
     done = run_bench(manifest, {"hp": hp}, cache_dir=tmp_path / "cache", batch_size=4, num_workers=1)
-    assert done.stats["hp"] == {"entries": 12, "cached": 4, "computed": 8}  # the first batch was kept
+    assert done.stats["hp"] == {"entries": 12, "cached": 4, "computed": 8, "recomputed": 0}  # the first batch was kept
 
 
 def test_cache_key_follows_the_weights_and_dtype(tmp_path):

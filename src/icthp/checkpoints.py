@@ -21,6 +21,9 @@ An HP backbone file may hold the full ``CLIPModel`` (as released) or only the vi
 tower is checked and dropped, never kept in memory.
 
 ``.bin`` files are read with ``torch.load(weights_only=True)``: no code in a checkpoint is ever run.
+Nothing in a checkpoint directory is trusted: ``config.json`` is checked against the architecture bounds of
+:mod:`icthp.modeling` before any network is built, ``icthp.json`` against the types its fields must have,
+and every floating tensor used must be finite (a NaN or Inf weight would only show as NaN scores).
 """
 
 from __future__ import annotations
@@ -29,7 +32,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -46,6 +48,8 @@ from .modeling import (
     architecture_dict,
     build_clip,
     build_hp,
+    check_int,
+    check_object,
     clip_config,
     config_to_dict,
     restore_position_ids,
@@ -69,6 +73,13 @@ _HUB_PATTERNS = {
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 _MAX_LISTED = 12
+# Config and metadata files are a few kilobytes (laion CLIP-H's config.json: 5 KB); anything much larger is
+# not one, and is refused before it is read into memory.
+MAX_CONFIG_BYTES = 1 << 20
+# icthp.json / icthp_preset.json fields the loaders act on, besides kind and format_version, and the JSON
+# type each must have (other fields, e.g. a trainer's extra metadata, are kept as they are).
+_METADATA_TYPES: dict[str, tuple[type, str]] = {"format": (str, "a string"), "untrained": (bool, "true or false")}
+_KINDS = ("ict", "hp")
 
 
 @dataclass
@@ -224,6 +235,24 @@ def read_state_dict(path: str | os.PathLike, mmap: bool = False) -> dict[str, to
     return dict(obj)
 
 
+def check_finite(state: Mapping[str, torch.Tensor], where: str) -> None:
+    """Raise :class:`CheckpointError` naming the first floating tensor of ``state`` holding NaN or Inf.
+
+    A non-finite weight gives NaN scores without any error, so a file holding one is refused at load.
+    ``aminmax`` is one vectorised pass per tensor that allocates nothing but its two results (NaN propagates
+    to them, as documented, and an Inf is the min or the max); ``isfinite(t).all()`` writes a mask as large
+    as the tensor and measured 5-30x slower. The bad values are only counted in the tensor reported.
+    """
+    for key, tensor in state.items():
+        if not tensor.is_floating_point() or tensor.numel() == 0:  # aminmax has no identity for empty tensors
+            continue
+        low, high = torch.aminmax(tensor)
+        if not bool(torch.isfinite(low) & torch.isfinite(high)):
+            n = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"{where}: {n} non-finite value{'s' if n != 1 else ''} in {key} (NaN or Inf: "
+                                  "the file is corrupt, or its training diverged; it would only give NaN scores)")
+
+
 def _is_zip(path: Path) -> bool:
     # torch.load can only memory-map the zip format of torch.save (the default since torch 1.6).
     with open(path, "rb") as f:
@@ -310,16 +339,54 @@ def _assign(
         raise CheckpointError(f"weights were not set for: {_listing(leftovers)}")
 
 
-def _read_config(directory: Path) -> tuple[dict[str, Any], bool]:
+def read_json_object(path: Path) -> dict[str, Any]:
+    """Read a small JSON file that must hold an object (a config or metadata file), strictly.
+
+    Raises:
+        CheckpointError: naming the file when it is too large to be a config, not UTF-8, not JSON (or
+            nested too deeply to parse), or not a JSON object (an array, a string, a number...).
+    """
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise CheckpointError(f"{path} is {size} bytes; a config file is at most {MAX_CONFIG_BYTES}")
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{path} is not UTF-8 text: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise CheckpointError(f"{path} is not valid JSON: nested too deeply") from None
+    return dict(check_object(obj, "", str(path)))
+
+
+def _read_config(directory: Path) -> tuple[Any, bool]:
+    """The checked ``CLIPConfig`` of ``directory/config.json`` (or of laion CLIP-H without one), and whether
+    the file was there."""
     cfg_file = directory / "config.json"
     if cfg_file.is_file():
-        try:
-            return json.loads(cfg_file.read_text(encoding="utf-8")), True
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{cfg_file} is not valid JSON: {exc}") from exc
+        return clip_config(read_json_object(cfg_file), str(cfg_file)), True
     logger.info("no config.json in %s: assuming the %s architecture (laion CLIP-ViT-H-14)", directory,
                 DEFAULT_ARCHITECTURE)
-    return architecture_dict(DEFAULT_ARCHITECTURE), False
+    return clip_config(architecture_dict(DEFAULT_ARCHITECTURE), f"{DEFAULT_ARCHITECTURE} architecture"), False
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """Read an ``icthp.json`` / ``icthp_preset.json`` file, checking the fields the loaders act on.
+
+    Raises:
+        CheckpointError: naming the file and the field: not a JSON object, a field of the wrong JSON type,
+            ``kind`` other than ``ict`` / ``hp``, ``format_version`` below 1.
+    """
+    meta = read_json_object(path)
+    for name, (kind, expected) in _METADATA_TYPES.items():
+        if meta.get(name) is not None and not isinstance(meta[name], kind):
+            raise CheckpointError(f"{path}: {name} = {meta[name]!r} is not {expected}")
+    if meta.get("kind") is not None and not (isinstance(meta["kind"], str) and meta["kind"] in _KINDS):
+        raise CheckpointError(f"{path}: kind = {meta['kind']!r} is not 'ict' or 'hp'")
+    if meta.get("format_version") is not None:
+        check_int(meta["format_version"], "format_version", str(path), 1, 2**31 - 1)
+    return meta
 
 
 def _read_metadata(directory: Path) -> dict[str, Any]:
@@ -327,7 +394,7 @@ def _read_metadata(directory: Path) -> dict[str, Any]:
     for name in (METADATA_FILE, PRESET_MARKER):
         f = directory / name
         if f.is_file():
-            meta.update(json.loads(f.read_text(encoding="utf-8")))
+            meta.update(read_metadata(f))
     return meta
 
 
@@ -366,11 +433,11 @@ def load_ict(
         raise CheckpointError(
             f"no ICT weights in {directory}: expected one of {', '.join((WEIGHTS_SAFETENSORS, *RELEASED_WEIGHTS))}"
         )
-    cfg_dict, had_config = _read_config(directory)
-    cfg = clip_config(cfg_dict)
+    cfg, had_config = _read_config(directory)
     state = read_state_dict(weights)
     model = build_clip(cfg)
     check_keys(_expected_shapes(model), state, f"ICT checkpoint {weights}", _no_config_hint(had_config))
+    check_finite(state, f"ICT checkpoint {weights}")
     target = resolve_dtype(dtype)
     file_dtype = _float_dtype(state)
     _assign(model, state, target, torch.device(device), file_backed=weights.suffix == ".safetensors")
@@ -416,12 +483,12 @@ def load_hp(
     if meta.get("format") == FORMAT_NAME and (directory / WEIGHTS_SAFETENSORS).is_file():
         if meta.get("kind") != "hp":
             raise CheckpointError(f"{directory} holds a {str(meta.get('kind')).upper()} checkpoint, not an HP one")
-        cfg_dict, had_config = _read_config(directory)
-        cfg = clip_config(cfg_dict)
+        cfg, had_config = _read_config(directory)
         weights = directory / WEIGHTS_SAFETENSORS
         state = read_state_dict(weights)
         model = build_hp(cfg)
         check_keys(_expected_shapes(model), state, f"HP checkpoint {weights}", _no_config_hint(had_config))
+        check_finite(state, f"HP checkpoint {weights}")
         backbone_state = {k: v for k, v in state.items() if not k.startswith("head.")}
         head_state = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
         files, layout, file_backed = [str(weights)], FORMAT_NAME, True
@@ -442,10 +509,9 @@ def load_hp(
                 f"(hp_scorer/{' or '.join(RELEASED_MLP_WEIGHTS)})"
             )
         meta = {**meta, **_read_metadata(backbone_dir)}
-        cfg_dict, had_config = _read_config(backbone_dir)
+        cfg, had_config = _read_config(backbone_dir)
         if not had_config:
-            cfg_dict, had_config = _read_config(directory)
-        cfg = clip_config(cfg_dict)
+            cfg, had_config = _read_config(directory)
         model = build_hp(cfg)
         full_expected = _expected_shapes(build_clip(cfg))
         # Mapped, not read: the text tower of a released (full CLIPModel) file is never read from disk.
@@ -453,9 +519,12 @@ def load_hp(
         state = read_state_dict(bb_file, mmap=mapped)
         backbone_state = _split_backbone(state, full_expected, f"HP backbone {bb_file}", _no_config_hint(had_config))
         del state  # the text tower of a full CLIPModel file is freed here, before anything else is allocated
+        # Only the vision part is checked: the text tower of the file is never read, nor used.
+        check_finite(backbone_state, f"HP backbone {bb_file}")
         head_state = read_state_dict(mlp_file)
         check_keys(_expected_shapes(model.head), head_state, f"HP head {mlp_file}",
                    f"The head's input width must equal the CLIP projection dim ({cfg.projection_dim}).")
+        check_finite(head_state, f"HP head {mlp_file}")
         files, layout, file_backed = [str(bb_file), str(mlp_file)], "released", True
     file_dtype = _float_dtype({**backbone_state, **head_state})
     state = {**backbone_state, **{f"head.{k}": v for k, v in head_state.items()}}
@@ -473,13 +542,15 @@ def load_hp(
 @contextmanager
 def _atomic_dir(target: Path) -> Iterator[Path]:
     """Yield a temporary sibling directory that replaces ``target`` only once fully written."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    from .files import honour_umask, new_temp_dir
+
+    tmp = new_temp_dir(target)  # the umask's permissions (mkdtemp would make it 0700)
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    honour_umask(tmp)  # safetensors writes its files 0600
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)

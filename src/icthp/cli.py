@@ -457,8 +457,9 @@ def bench(
     table.add_column("cache (computed / cached)", justify="right")
     for name in scorers:
         acc, st = res.result["accuracy"][name], res.stats[name]
+        repaired = f" ({st['recomputed']} damaged, recomputed)" if st.get("recomputed") else ""
         table.add_row(name, *[f"{acc[c]:.2f}" if isinstance(acc[c], float) else str(acc[c]) for c in cols],
-                      f"{st['computed']} / {st['cached']}")
+                      f"{st['computed']} / {st['cached']}{repaired}")
     out.print(table)
     out.print(res.result["protocol"]["description"], highlight=False)
     for label, path in paths.items():

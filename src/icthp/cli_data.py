@@ -195,15 +195,30 @@ def convert_command(
     split: SplitOpt = None,
     allow_pickle: PickleOpt = False,
     copy: Annotated[bool, typer.Option(help="Copy images into a released layout instead of hard-linking them.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output (a folder only if an earlier conversion wrote it; it is replaced whole, not merged into).")] = False,
+    allow_outside_root: Annotated[bool, typer.Option("--allow-outside-root", help="Let a released-layout output take images from outside the source's folder (.., absolute, ~ or symlinked paths). Trusted sources only.")] = False,
 ) -> int:
     """Convert released Pick-High layout <-> manifest, or Parquet <-> JSONL <-> CSV, keeping every column."""
-    from .data import convert, read_triplets
+    from .data import convert
 
     out, _ = _consoles()
     if Path(output).exists() and not overwrite:
         raise typer.BadParameter(f"{output} exists; pass --overwrite to replace it")
-    convert(source, output, split=split, allow_pickle=allow_pickle, link=not copy)
-    n = len(read_triplets(output, allow_pickle=True) if Path(output).is_dir() else read_triplets(output))
+    written = convert(source, output, split=split, allow_pickle=allow_pickle, link=not copy,
+                      allow_outside_root=allow_outside_root)
+    n = _count_written(written, allow_pickle)
     out.print(f"{escape(str(source))} -> {escape(str(output))}: {n} triplet(s)", soft_wrap=True)
     return 0
+
+
+def _count_written(path: Path, allow_pickle: bool) -> int:
+    """Triplets in a conversion output, read back as a check. A released layout is pickles: it is read back
+    only with --allow-pickle (then it holds nothing but what this conversion wrote: the folder was replaced
+    whole), otherwise the count comes from the conversion's marker file (JSON)."""
+    from .data import read_conversion_marker, read_triplets
+
+    if not path.is_dir():
+        return len(read_triplets(path))
+    if allow_pickle:
+        return len(read_triplets(path, allow_pickle=True))
+    return int(read_conversion_marker(path).get("rows", 0))

@@ -17,12 +17,16 @@ import copy
 import functools
 import inspect
 import json
+import math
 import weakref
+from collections.abc import Mapping
 from importlib import resources
 from typing import Any
 
 import torch
 from torch import nn
+
+from .errors import CheckpointError
 
 # Architectures shipped as data (src/icthp/architectures/*.json): transformers CLIPConfig dictionaries.
 ARCHITECTURES = ("clip-vit-h-14", "clip-vit-b-16", "clip-tiny")
@@ -42,29 +46,216 @@ def architecture_dict(name: str) -> dict[str, Any]:
     return json.loads(text)
 
 
-def clip_config(config: dict[str, Any] | Any):
+def clip_config(config: dict[str, Any] | Any, where: str = "CLIP config"):
     """Build a transformers ``CLIPConfig`` from a dictionary (as ``config.json`` holds) or a config object.
 
+    A dictionary is untrusted input: every field that shapes the network is checked against the
+    architecture bounds (:data:`INT_BOUNDS`...) before and after transformers reads it, and a
+    :class:`~icthp.errors.CheckpointError` prefixed with ``where`` (the file) names the first bad field.
     The sub-configs' ``projection_dim`` is aligned with the top-level one (``CLIPModel`` uses the top-level
     value, ``CLIPVisionModelWithProjection`` the vision one), and SDPA attention is selected.
 
     Example:
         >>> clip_config(architecture_dict("clip-tiny")).projection_dim
         16
+        >>> clip_config({"vision_config": {"num_hidden_layers": 10**6}}, "config.json")
+        Traceback (most recent call last):
+        icthp.errors.CheckpointError: config.json: vision_config.num_hidden_layers = 1000000 is outside 1..256
     """
     from transformers import CLIPConfig
 
     if isinstance(config, CLIPConfig):
         cfg = copy.deepcopy(config)
     else:
-        d = {k: v for k, v in dict(config).items() if not k.startswith("_")}
-        if d.get("model_type", "clip") != "clip":
-            raise ValueError(f"expected a CLIP config (model_type 'clip'), got model_type {d.get('model_type')!r}")
-        cfg = CLIPConfig(**d)
+        d = check_clip_dict(config, where)
+        try:
+            cfg = CLIPConfig(**d)
+        except Exception as exc:  # transformers' own checks (strict dataclasses in 5.x) on what passed ours
+            raise CheckpointError(f"{where}: not a CLIP config transformers accepts: {type(exc).__name__}: {exc}") \
+                from exc
+        # Again on what transformers made of it: defaults of absent fields, and the legacy *_config_dict
+        # sections, which replace the towers (transformers 4.x and 5.x alike).
+        check_fields(_config_values(cfg), "", where)
+        check_clip_tower(_config_values(cfg.text_config), "text_config", where)
+        check_clip_tower(_config_values(cfg.vision_config), "vision_config", where)
     cfg.vision_config.projection_dim = cfg.projection_dim
     cfg.text_config.projection_dim = cfg.projection_dim
     _select_attention(cfg)
     return cfg
+
+
+# --------------------------------------------------------------------------------------------- bounds
+
+# A config file decides the size of the network built before a single weight is read, so it is checked
+# first: a hostile or corrupt one (a million layers, zero heads, a 1e9-token vocabulary) must fail with a
+# clear CheckpointError, not hang growing memory, divide by zero or raise from deep inside transformers.
+# The bounds hold every real model with room to spare: the largest CLIP, OpenCLIP ViT-bigG-14 (vision 48
+# layers of width 1664, 16 heads, MLP 8192; text 32 x 1280; projection 1280); laion CLIP-H (32 x 1280 /
+# 24 x 1024, projection 1024); 49408 tokens, 77 positions, 224-448 px, patches of 14-32 px; ImageReward's
+# BLIP ViT-L/16 (24 x 1024) and BERT-base (12 x 768, 30524 tokens, 512 positions); and the tiny test configs.
+MAX_LAYERS = 256  # per tower; bigG: 48
+MAX_WIDTH = 16_384  # hidden_size and projection_dim; bigG: 1664 (ViT-22B, the widest ViT published: 6144)
+MAX_INTERMEDIATE = 65_536  # MLP width; bigG: 8192
+MAX_HEADS = 256  # bigG: 16
+MAX_VOCAB = 1_000_000  # CLIP: 49408, BERT: 30524
+MAX_POSITIONS = 8_192  # text positions; CLIP: 77, BERT: 512 (position ids are allocated for real on load)
+MAX_IMAGE_SIZE = 4_096  # pixels a side; CLIPs: 224-448
+MAX_PATCHES = 16_384  # (image_size / patch_size) ** 2, rows of the vision position embedding; ViT-L/14-336: 576
+MAX_CHANNELS = 16  # RGB: 3
+MAX_LABELS = 4_096  # num_labels (unused by CLIP): transformers builds an id2label entry per label on reading
+MAX_MLP_RATIO = 64.0  # BLIP's MLP width / width; ViT: 4
+
+#: integer fields (transformers / BERT names) and their inclusive bounds
+INT_BOUNDS: dict[str, tuple[int, int]] = {
+    "num_hidden_layers": (1, MAX_LAYERS),
+    "hidden_size": (1, MAX_WIDTH),
+    "intermediate_size": (1, MAX_INTERMEDIATE),
+    "num_attention_heads": (1, MAX_HEADS),
+    "projection_dim": (1, MAX_WIDTH),
+    "vocab_size": (1, MAX_VOCAB),
+    "max_position_embeddings": (1, MAX_POSITIONS),
+    "image_size": (1, MAX_IMAGE_SIZE),
+    "patch_size": (1, MAX_IMAGE_SIZE),
+    "num_channels": (1, MAX_CHANNELS),
+    "num_labels": (0, MAX_LABELS),
+}
+#: real-valued fields: (low, high, low excluded). Dropouts and initialisers do nothing at inference, but
+#: transformers still does arithmetic with them while building, so they must at least be numbers.
+FLOAT_BOUNDS: dict[str, tuple[float, float, bool]] = {
+    "layer_norm_eps": (0.0, 1.0, True),
+    "attention_dropout": (0.0, 1.0, False),
+    "dropout": (0.0, 1.0, False),
+    "initializer_range": (0.0, math.inf, False),
+    "initializer_factor": (0.0, math.inf, False),
+    "logit_scale_init_value": (-math.inf, math.inf, False),
+    "mlp_ratio": (0.0, MAX_MLP_RATIO, True),
+}
+#: token ids: none, or an id of the vocabulary
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+# Sections of a CLIP config.json holding a tower (the *_dict ones: written by transformers <= 4.2x).
+_CLIP_SECTIONS = ("text_config", "vision_config", "text_config_dict", "vision_config_dict")
+
+
+def json_type(value: Any) -> str:
+    """How JSON calls the type of a parsed value ("an array", "a string"...), for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, Mapping):
+        return "an object"
+    return "an array" if isinstance(value, (list, tuple)) else type(value).__name__
+
+
+def check_object(value: Any, name: str, where: str) -> Mapping[str, Any]:
+    """``value`` if it is a JSON object, else a CheckpointError naming ``name`` (empty: the whole file)."""
+    if not isinstance(value, Mapping):
+        raise CheckpointError(f"{where}: {name + ': ' if name else ''}expected a JSON object, got {json_type(value)}")
+    return value
+
+
+def check_int(value: Any, name: str, where: str, low: int, high: int) -> int:
+    """``value`` if it is an integer in ``low..high`` (not a bool, float or string), else a CheckpointError."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CheckpointError(f"{where}: {name} = {value!r} is not an integer (expected {low}..{high})")
+    if not low <= value <= high:
+        raise CheckpointError(f"{where}: {name} = {value!r} is outside {low}..{high}")
+    return value
+
+
+def check_float(value: Any, name: str, where: str, low: float, high: float, low_open: bool = False) -> float:
+    """``value`` if it is a finite number within the bounds (``low`` excluded when ``low_open``)."""
+    span = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if math.isinf(high) else ']'}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        within = "" if math.isinf(low) and math.isinf(high) else f" in {span}"
+        raise CheckpointError(f"{where}: {name} = {value!r} is not a finite number{within}")
+    if value < low or value > high or (low_open and value == low):
+        raise CheckpointError(f"{where}: {name} = {value!r} is outside {span}")
+    return float(value)
+
+
+def check_divisible(values: Mapping[str, Any], a: str, b: str, prefix: str, where: str) -> None:
+    """``values[a]`` must be a multiple of ``values[b]`` (both already checked integers), when both are there."""
+    if a in values and b in values and values[a] % values[b]:
+        raise CheckpointError(f"{where}: {prefix}{a} = {values[a]} is not divisible by {prefix}{b} = {values[b]}")
+
+
+def check_fields(values: Mapping[str, Any], prefix: str, where: str, aliases: Mapping[str, str] | None = None) -> None:
+    """Check every field of ``values`` that has bounds (others, and absent ones, are left alone).
+
+    ``prefix`` is prepended to the names in messages (``"vision_config."``); ``aliases`` maps a format's
+    own names to the bound names (BLIP's ``width`` is a ``hidden_size``).
+    """
+    aliases = aliases or {}
+    for name, value in values.items():
+        kind = aliases.get(name, name)
+        if kind in INT_BOUNDS:
+            check_int(value, prefix + name, where, *INT_BOUNDS[kind])
+        elif kind in FLOAT_BOUNDS:
+            check_float(value, prefix + name, where, *FLOAT_BOUNDS[kind])
+    vocab = values.get("vocab_size", MAX_VOCAB)
+    for name in TOKEN_ID_FIELDS:
+        if values.get(name) is not None:  # None: no such token
+            check_int(values[name], prefix + name, where, 0, vocab - 1)
+
+
+def check_patch_grid(values: Mapping[str, Any], section: str, where: str) -> None:
+    """``image_size`` must be a multiple of ``patch_size`` (checked integers), the grid at most
+    :data:`MAX_PATCHES` patches (each a row of the position embedding, and a token of every layer)."""
+    if "image_size" not in values or "patch_size" not in values:
+        return
+    check_divisible(values, "image_size", "patch_size", section + ".", where)
+    patches = (values["image_size"] // values["patch_size"]) ** 2
+    if patches > MAX_PATCHES:
+        raise CheckpointError(f"{where}: {section}: image_size {values['image_size']} / patch_size "
+                              f"{values['patch_size']} gives {patches} patches, outside 1..{MAX_PATCHES}")
+
+
+def check_clip_tower(values: Mapping[str, Any], section: str, where: str) -> None:
+    """Check a CLIP tower's fields (a ``text_config`` / ``vision_config`` section, or the built config)."""
+    check_object(values, section, where)
+    prefix = section + "."
+    check_fields(values, prefix, where)
+    check_divisible(values, "hidden_size", "num_attention_heads", prefix, where)
+    check_patch_grid(values, section, where)
+    act = values.get("hidden_act")
+    if act is not None:
+        from transformers.activations import ACT2FN
+
+        if not isinstance(act, str) or act not in ACT2FN:
+            raise CheckpointError(f"{where}: {prefix}hidden_act = {act!r} is not an activation transformers knows "
+                                  "(CLIPs use 'gelu' or 'quick_gelu')")
+
+
+def check_clip_dict(config: Any, where: str = "CLIP config") -> dict[str, Any]:
+    """Check a CLIP config dictionary (a parsed ``config.json``) before transformers reads it.
+
+    Returns:
+        the dictionary without its private ``_*`` keys, ready for ``CLIPConfig(**d)``.
+
+    Raises:
+        CheckpointError: not a JSON object, not CLIP, or a field of the wrong type or out of bounds
+            (named as ``where: section.field = value`` with what was expected).
+    """
+    d = {k: v for k, v in check_object(config, "", where).items() if not str(k).startswith("_")}
+    if d.get("model_type", "clip") != "clip":
+        raise CheckpointError(f"{where}: expected a CLIP config (model_type 'clip'), got model_type "
+                              f"{d.get('model_type')!r}")
+    check_fields(d, "", where)
+    for section in _CLIP_SECTIONS:
+        if d.get(section) is not None:  # null: transformers' defaults
+            check_clip_tower(d[section], section, where)
+    return d
+
+
+def _config_values(cfg) -> dict[str, Any]:
+    """The bounded fields a built transformers config holds (attributes; absent ones skipped)."""
+    names = (*INT_BOUNDS, *FLOAT_BOUNDS, *TOKEN_ID_FIELDS, "hidden_act")
+    return {n: getattr(cfg, n) for n in names if hasattr(cfg, n)}
 
 
 def _select_attention(cfg) -> None:

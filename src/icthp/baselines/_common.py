@@ -22,9 +22,12 @@ from ..checkpoints import (
     CheckpointInfo,
     _assign,
     _float_dtype,
+    check_finite,
     check_keys,
     fetch_directory,
     first_existing,
+    read_json_object,
+    read_metadata,
     read_state_dict,
     resolve_dtype,
 )
@@ -184,16 +187,15 @@ def resolve_file(
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+    """A config file's JSON object (:func:`~icthp.checkpoints.read_json_object`: size, encoding, syntax and
+    type checked, errors naming the file)."""
+    return read_json_object(path)
 
 
 def is_untrained(directory: Path) -> bool:
     """True when a marker written by the ``write_random_*`` helpers labels the weights as random."""
     marker = directory / PRESET_MARKER
-    return marker.is_file() and bool(read_json(marker).get("untrained", False))
+    return marker.is_file() and bool(read_metadata(marker).get("untrained", False))
 
 
 def write_marker(directory: Path, name: str, seed: int) -> None:
@@ -237,20 +239,23 @@ def load_clip(
         raise CheckpointError(f"no {what} weights in {directory}: expected {' or '.join(CLIP_WEIGHTS)}")
     cfg_file = directory / "config.json"
     if cfg_file.is_file():
-        cfg_dict, hint = read_json(cfg_file), "The config.json beside the weights does not describe them."
+        cfg_dict, where = read_json(cfg_file), str(cfg_file)
+        hint = "The config.json beside the weights does not describe them."
     elif default_architecture is not None:
-        cfg_dict = architecture_dict(default_architecture)
+        cfg_dict, where = architecture_dict(default_architecture), f"{default_architecture} architecture"
         hint = (f"No config.json was found beside the weights, so the {default_architecture} architecture was "
                 "assumed; put the model's config.json beside the weights if it is another CLIP.")
     else:
         raise CheckpointError(f"no config.json in {directory}: a transformers CLIP directory has one beside "
                               f"{weights.name}")
-    cfg = clip_config(cfg_dict)
+    cfg = clip_config(cfg_dict, where)  # bounds checked here, before anything is built
     state = read_state_dict(weights)
     check_keys(expected_shapes(build_clip(cfg)), state, f"{what} checkpoint {weights}", hint)
     file_dtype = _float_dtype(state)
     if vision_only:
         state = {k: v for k, v in state.items() if k.startswith(_VISION_PREFIXES)}
+    check_finite(state, f"{what} checkpoint {weights}")  # what is used (vision_only: not the text tower)
+    if vision_only:
         with torch.device("meta"):
             model: nn.Module = CLIPVision(cfg)
     else:

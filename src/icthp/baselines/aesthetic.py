@@ -24,6 +24,7 @@ from torch import nn
 from ..checkpoints import (
     CheckpointInfo,
     _float_dtype,
+    check_finite,
     check_keys,
     fetch_directory,
     first_existing,
@@ -103,6 +104,7 @@ class AestheticScorer(BaselineScorer):
             head = HPHead(int(cfg["projection_dim"]))
         hint = f"Its input width must equal the CLIP projection dim ({cfg['projection_dim']}: ViT-L/14 gives 768)."
         check_keys(expected_shapes(head), head_state, f"aesthetic MLP {mlp_file}", hint)
+        check_finite(head_state, f"aesthetic MLP {mlp_file}")
         head.load_state_dict({k: v.float().to(device) for k, v in head_state.items()}, assign=True)
         head.eval().requires_grad_(False)
         info = CheckpointInfo("aesthetic", str(source), str(mlp_file.parent), "released", cfg,

@@ -22,7 +22,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoints import CheckpointInfo, _assign, _float_dtype, check_keys, read_state_dict, resolve_dtype
+from ..checkpoints import (
+    CheckpointInfo,
+    _assign,
+    _float_dtype,
+    check_finite,
+    check_keys,
+    read_state_dict,
+    resolve_dtype,
+)
 from ..modeling import architecture_dict, build_clip, clip_config, config_to_dict
 from ..preprocess import PreprocessConfig
 from ._common import expected_shapes, is_untrained, random_clip, read_json, resolve_file, write_marker
@@ -215,12 +223,14 @@ class HPSv2Scorer(CLIPCosineScorer):
         weights, version = _locate(source, version, revision)
         cfg_file = weights.parent / "config.json"
         had_config = cfg_file.is_file()
-        cfg = clip_config(read_json(cfg_file) if had_config else architecture_dict(DEFAULT_ARCHITECTURE))
+        cfg = clip_config(read_json(cfg_file), str(cfg_file)) if had_config else \
+            clip_config(architecture_dict(DEFAULT_ARCHITECTURE), f"{DEFAULT_ARCHITECTURE} architecture")
         hint = ("The config.json beside the file does not describe it." if had_config else
                 "No config.json beside the file, so open_clip ViT-H-14 was assumed (the HPS release).")
         state = read_state_dict(weights)
         file_dtype = _float_dtype(state)
         hf_state = open_clip_to_transformers(state, cfg, f"HPS {version} checkpoint {weights}", hint)
+        check_finite(state, f"HPS {version} checkpoint {weights}")  # named by the file's own (open_clip) keys
         del state
         model = build_clip(cfg)
         check_keys(expected_shapes(model), hf_state, "converted HPS state dict")  # the mapping is complete

@@ -43,13 +43,22 @@ from ..checkpoints import (
     CheckpointInfo,
     _assign,
     _float_dtype,
+    check_finite,
     check_keys,
     fetch_directory,
     read_state_dict,
     resolve_dtype,
 )
 from ..errors import CheckpointError
-from ..modeling import HPHead
+from ..modeling import (
+    INT_BOUNDS,
+    HPHead,
+    check_divisible,
+    check_fields,
+    check_int,
+    check_object,
+    check_patch_grid,
+)
 from ..preprocess import PreprocessConfig
 from ._common import (
     BaselineScorer,
@@ -135,19 +144,21 @@ class ImageRewardConfig:
     std: float = REWARD_STD
 
     @classmethod
-    def from_med_config(cls, med: Mapping[str, Any]) -> ImageRewardConfig:
+    def from_med_config(cls, med: Mapping[str, Any], where: str = MED_CONFIG_FILE) -> ImageRewardConfig:
         """Read a BLIP ``med_config.json`` dictionary (plus icthp's optional ``vision_config`` entry, which
         the release does not have: it always builds ViT-L/16 at 224 px).
+
+        Every field that shapes the network is checked against the architecture bounds of
+        :mod:`icthp.modeling` first: :class:`CheckpointError`, prefixed with ``where`` (the file), names the
+        first bad one.
         """
+        check_object(med, "", where)
         if not med.get("add_cross_attention", False):
-            raise CheckpointError("med_config.json: ImageReward's text encoder needs add_cross_attention: true")
+            raise CheckpointError(f"{where}: ImageReward's text encoder needs add_cross_attention: true")
         for key, allowed in (("position_embedding_type", "absolute"), ("hidden_act", "gelu")):
             if med.get(key, allowed) != allowed:
-                raise CheckpointError(f"med_config.json: {key} {med[key]!r} is not supported (only {allowed!r})")
-        names = BlipTextConfig.__dataclass_fields__
-        text = BlipTextConfig(**{k: v for k, v in med.items() if k in names})
-        vision = BlipVisionConfig(**med.get("vision_config", {}))
-        return cls(vision=vision, text=text)
+                raise CheckpointError(f"{where}: {key} {med[key]!r} is not supported (only {allowed!r})")
+        return cls(vision=_vision_config(med.get("vision_config"), where), text=_text_config(med, where))
 
     def med_config(self) -> dict[str, Any]:
         """This configuration as a ``med_config.json`` dictionary (with ``vision_config``)."""
@@ -157,6 +168,38 @@ class ImageRewardConfig:
             "initializer_range": 0.02, "type_vocab_size": 2, "encoder_width": self.vision.width,
             **asdict(self.text), "vision_config": asdict(self.vision),
         }
+
+
+# BLIP's ViT names for the fields the architecture bounds know by their transformers names.
+_BLIP_VISION_ALIASES = {"width": "hidden_size", "layers": "num_hidden_layers", "heads": "num_attention_heads"}
+
+
+def _text_config(med: Mapping[str, Any], where: str) -> BlipTextConfig:
+    """The BERT fields of ``med_config.json`` (the others are BERT's, unused here), checked."""
+    names = BlipTextConfig.__dataclass_fields__
+    # Absent fields take the release's values; the relations are checked on what will be built.
+    values = {**asdict(BlipTextConfig()), **{k: v for k, v in med.items() if k in names}}
+    check_fields(values, "", where)
+    check_divisible(values, "hidden_size", "num_attention_heads", "", where)
+    return BlipTextConfig(**values)
+
+
+def _vision_config(section: Any, where: str) -> BlipVisionConfig:
+    """icthp's optional ``vision_config`` entry of ``med_config.json`` (BLIP's ViT), checked."""
+    if section is None:
+        return BlipVisionConfig()
+    names = BlipVisionConfig.__dataclass_fields__
+    unknown = sorted(set(check_object(section, "vision_config", where)) - set(names))
+    if unknown:
+        raise CheckpointError(f"{where}: vision_config: unknown field(s) {', '.join(unknown)} "
+                              f"(expected some of {', '.join(names)})")
+    values = {**asdict(BlipVisionConfig()), **section}
+    check_fields(values, "vision_config.", where, _BLIP_VISION_ALIASES)
+    check_divisible(values, "width", "heads", "vision_config.", where)
+    check_patch_grid(values, "vision_config", where)
+    check_int(int(values["width"] * values["mlp_ratio"]), "vision_config MLP width (width * mlp_ratio)", where,
+              *INT_BOUNDS["intermediate_size"])
+    return BlipVisionConfig(**values)
 
 
 # --------------------------------------------------------------------------------------------- vision
@@ -457,7 +500,7 @@ def load_imagereward(
     weights = _locate(source, revision)
     med_file = weights.parent / MED_CONFIG_FILE
     if med_file.is_file():
-        cfg = ImageRewardConfig.from_med_config(read_json(med_file))
+        cfg = ImageRewardConfig.from_med_config(read_json(med_file), str(med_file))
         hint = f"The {MED_CONFIG_FILE} beside the weights does not describe them."
     else:
         cfg = ImageRewardConfig()
@@ -472,6 +515,7 @@ def load_imagereward(
     file_dtype = _float_dtype(state)
     for key in unused:
         del state[key]
+    check_finite(state, f"ImageReward checkpoint {weights}")  # what is used: the unused projections are gone
     _assign(model, state, resolve_dtype(dtype), torch.device(device), fp32_prefixes=("mlp.",))
     model.eval().requires_grad_(False)
     info = CheckpointInfo("imagereward", str(source), str(weights.parent), "released", {"med_config": cfg.med_config()},

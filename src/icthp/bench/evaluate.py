@@ -188,8 +188,11 @@ def _fill_cache(model: Scorer, state: bool, mkey: str, keys: list[tuple[str, str
     cache: this process's share of it. With ``state`` the scorer's prompt-free :meth:`image_state` is stored,
     otherwise its components per image and prompt. The main process then waits for the other shares.
 
-    Returns ``(cached before, computed here)``.
+    Entries that fail verification (damaged on disk) are deleted first and computed again like missing ones.
+
+    Returns ``(cached before, computed here, damaged entries dropped here)``.
     """
+    dropped = cache.drop_invalid(mkey, keys)
     missing = _absent(cache, mkey, keys)
     mine = [k for k in missing if _owner(k[0], world) == rank]
     tick = advance(len(mine))
@@ -212,7 +215,7 @@ def _fill_cache(model: Scorer, state: bool, mkey: str, keys: list[tuple[str, str
                 raise TimeoutError(f"other processes did not store their {len(still)} missing entries "
                                    f"within {wait_timeout_s:.0f} s (did one of them fail?)")
             time.sleep(0.5)
-    return len(keys) - len(missing), len(mine)
+    return len(keys) - len(missing), len(mine), dropped
 
 
 def _absent(cache: EmbeddingCache, mkey: str, keys: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -229,8 +232,11 @@ def _item_components(scorer: Scorer, mkey: str | None, items: Sequence[BenchItem
     out: dict[str, torch.Tensor] = {}
     if scorer.has_image_state:
         states: dict[str, dict[str, torch.Tensor]] = {}
+        distinct = list(dict.fromkeys(flat_hashes))
         for part in state_parts(scorer):
-            for h, row in cache.get(model_key(part), list(dict.fromkeys(flat_hashes))).items():
+            rows = cache.get(model_key(part), distinct)
+            _require_all(cache, len(distinct) - len(rows))
+            for h, row in rows.items():
                 states.setdefault(h, {}).update(row)
         chunk = 8192
         with torch.inference_mode():
@@ -243,10 +249,19 @@ def _item_components(scorer: Scorer, mkey: str | None, items: Sequence[BenchItem
     else:
         prompts = flat_prompts if scorer.needs_prompt else [""] * len(flat_prompts)
         rows = cache.get(mkey, flat_hashes, prompts)
+        _require_all(cache, len(set(zip(flat_hashes, prompts, strict=True))) - len(rows))
         names = list(rows[(flat_hashes[0], prompts[0])])
         for name in names:
             out[name] = [torch.stack([rows[(h, p)][name] for h, p in zip(flat_hashes, prompts, strict=True)])]
     return {name: torch.cat(parts).reshape(len(items), k) for name, parts in out.items()}  # type: ignore[arg-type]
+
+
+def _require_all(cache: EmbeddingCache, unreadable: int) -> None:
+    """Entries verified and filled a moment ago may still fail to read back (the file damaged meanwhile, or
+    another process's share missing): say so instead of failing on a missing key."""
+    if unreadable:
+        raise RuntimeError(f"{unreadable} cache entries could not be read back from {cache.path} after they were "
+                           "computed (damaged meanwhile?); run the benchmark again")
 
 
 def state_parts(scorer: Scorer) -> list[Scorer]:
@@ -340,7 +355,7 @@ def run_bench(
     components: dict[str, dict[str, torch.Tensor]] = {}
     with EmbeddingCache(cache_dir or icthp_cache_dir() / "bench") as cache:
         for name, scorer in scorers.items():
-            entries = cached = computed = 0
+            entries = cached = computed = recomputed = 0
             if scorer.has_image_state:
                 jobs = [(part, True, model_key(part), [(h, "") for h in images.source], f"{name}: {part.name} images")
                         for part in state_parts(scorer)]
@@ -351,11 +366,13 @@ def run_bench(
                                           for item in items for im in item.images))
                 jobs = [(scorer, False, mkey, keys, f"{name}: image-prompt pairs")]
             for model, state, key, wanted, label in jobs:
-                before, done = _fill_cache(model, state, key, wanted, images, cache, batch_size, workers,
-                                           lambda total, label=label: progress(label, total), rank, world,
-                                           wait_timeout_s)
+                before, done, dropped = _fill_cache(model, state, key, wanted, images, cache, batch_size, workers,
+                                                    lambda total, label=label: progress(label, total), rank, world,
+                                                    wait_timeout_s)
                 entries, cached, computed = entries + len(wanted), cached + before, computed + done
-            stats[name] = {"entries": entries, "cached": cached, "computed": computed}
+                recomputed += dropped
+            stats[name] = {"entries": entries, "cached": cached, "computed": computed, "recomputed": recomputed}
+            _report_damage(name, recomputed, cache)
             if rank == 0:
                 components[name] = _item_components(scorer, mkey, items, images, cache)
     if rank != 0:  # this process's share is in the cache; the main process summarises
@@ -365,6 +382,18 @@ def run_bench(
     # "computed" counts this process's share; with several processes the others computed the rest.
     res.result["processes"] = world
     return res
+
+
+def _report_damage(name: str, recomputed: int, cache: EmbeddingCache) -> None:
+    """Say that damaged cache entries were recomputed: the numbers are right, but the disk may not be.
+
+    Logged as an error, not a warning: damage at rest is worth seeing even when repaired (the CLI shows the
+    library's errors only), and the count is also in ``results.json`` (``cache.<scorer>.recomputed``).
+    """
+    if recomputed:
+        logger.error("%s: %d cached entr%s in %s failed verification (checksum or non-finite values) and %s "
+                     "recomputed; the results use the fresh values", name, recomputed,
+                     "y" if recomputed == 1 else "ies", cache.path, "was" if recomputed == 1 else "were")
 
 
 def _summarise(source, kind, split, items, images, scorers, components, stats, published, descriptions,
