@@ -132,7 +132,7 @@ def test_released_layout_read_validate_convert_round_trip(released, tmp_path, ca
     steps = [(root, tmp_path / "X.parquet", ["--allow-pickle"]),
              (tmp_path / "X.parquet", tmp_path / "X.jsonl", []),
              (tmp_path / "X.jsonl", tmp_path / "X.csv", []),
-             (tmp_path / "X.csv", tmp_path / "released-again", [])]
+             (tmp_path / "X.csv", tmp_path / "released-again", ["--released-layout"])]
     for src, dst, flags in steps:
         assert main(["data", "convert", str(src), *flags, "-o", str(dst)]) == 0, capsys.readouterr()
         back = read_triplets(dst, allow_pickle=dst.is_dir())

@@ -100,7 +100,7 @@ def _files_with(root: Path, content: bytes) -> list[Path]:
 def test_overwrite_into_a_folder_with_a_planted_pickle_never_unpickles_it(dataset, tmp_path, marker, capsys):
     out = tmp_path / "out"
     planted = _plant(out, marker)
-    code = main(["data", "convert", str(dataset), "-o", str(out), "--overwrite"])
+    code = main(["data", "convert", "--released-layout", str(dataset), "-o", str(out), "--overwrite"])
     assert not marker.exists(), "the planted pickle was unpickled without --allow-pickle"
     # Not a previous conversion output: refused, and left as it was (not ours to delete).
     assert code == 2
@@ -111,11 +111,11 @@ def test_overwrite_into_a_folder_with_a_planted_pickle_never_unpickles_it(datase
 
 def test_overwrite_replaces_a_previous_output_holding_a_planted_pickle(dataset, tmp_path, marker, capsys):
     out = tmp_path / "out"
-    assert main(["data", "convert", str(dataset), "-o", str(out)]) == 0
+    assert main(["data", "convert", "--released-layout", str(dataset), "-o", str(out)]) == 0
     _plant(out, marker)
     (out / "pick_easy_img" / "val").mkdir(parents=True)
     (out / "pick_easy_img" / "val" / "stray.png").write_bytes(SECRET)
-    assert main(["data", "convert", str(dataset), "-o", str(out), "--overwrite"]) == 0, capsys.readouterr()
+    assert main(["data", "convert", "--released-layout", str(dataset), "-o", str(out), "--overwrite"]) == 0, capsys.readouterr()
     assert not marker.exists(), "the planted pickle was unpickled without --allow-pickle"
     assert "2 triplet(s)" in _text(capsys.readouterr())
     # Replaced, not merged: nothing of the planted files is left.
@@ -127,11 +127,11 @@ def test_overwrite_replaces_a_previous_output_holding_a_planted_pickle(dataset, 
 def test_allow_pickle_for_the_source_does_not_trust_the_output_folder(dataset, tmp_path, marker, capsys):
     """--allow-pickle says the *source* pickles are trusted; a pickle planted in the output is still never read."""
     layout = tmp_path / "layout"
-    assert main(["data", "convert", str(dataset), "-o", str(layout)]) == 0
+    assert main(["data", "convert", "--released-layout", str(dataset), "-o", str(layout)]) == 0
     out = tmp_path / "out"
-    assert main(["data", "convert", str(layout), "--allow-pickle", "-o", str(out)]) == 0
+    assert main(["data", "convert", "--released-layout", str(layout), "--allow-pickle", "-o", str(out)]) == 0
     _plant(out, marker)
-    assert main(["data", "convert", str(layout), "--allow-pickle", "-o", str(out), "--overwrite"]) == 0, \
+    assert main(["data", "convert", "--released-layout", str(layout), "--allow-pickle", "-o", str(out), "--overwrite"]) == 0, \
         capsys.readouterr()
     assert not marker.exists(), "a pickle planted in the output folder was unpickled"
     assert sorted(p.name for p in (out / "Pick-High").iterdir()) == ["test.pkl", "train.pkl"]
@@ -139,10 +139,10 @@ def test_allow_pickle_for_the_source_does_not_trust_the_output_folder(dataset, t
 
 def test_overwrite_replaces_rather_than_merges(dataset, tmp_path):
     out = tmp_path / "out"
-    assert main(["data", "convert", str(dataset), "-o", str(out)]) == 0
+    assert main(["data", "convert", "--released-layout", str(dataset), "-o", str(out)]) == 0
     assert (out / "Pick-High" / "test.pkl").is_file()
     train_only = _manifest(dataset.parent / "train.jsonl", _rows(dataset.parent, splits=("train",)))
-    assert main(["data", "convert", str(train_only), "-o", str(out), "--overwrite"]) == 0
+    assert main(["data", "convert", "--released-layout", str(train_only), "-o", str(out), "--overwrite"]) == 0
     assert sorted(p.name for p in (out / "Pick-High").iterdir()) == ["train.pkl"]
     assert sorted(p.name for p in (out / "pick_easy_img").iterdir()) == ["train"]
     assert [t.split for t in read_triplets(out, allow_pickle=True)] == ["train"]
@@ -156,7 +156,7 @@ def test_read_back_check_never_unpickles_without_the_opt_in(dataset, tmp_path, m
     monkeypatch.setattr(pickle, "load", refuse)
     monkeypatch.setattr(pickle, "loads", refuse)
     out = tmp_path / "out"
-    assert main(["data", "convert", str(dataset), "-o", str(out)]) == 0
+    assert main(["data", "convert", "--released-layout", str(dataset), "-o", str(out)]) == 0
     assert "2 triplet(s)" in _text(capsys.readouterr())
     monkeypatch.undo()
     assert len(read_triplets(out, allow_pickle=True)) == 2
@@ -166,15 +166,15 @@ def test_overwrite_refuses_a_folder_that_is_not_a_conversion_output(dataset, tmp
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    assert main(["data", "convert", str(dataset), "-o", str(out), "--overwrite"]) == 2
+    assert main(["data", "convert", "--released-layout", str(dataset), "-o", str(out), "--overwrite"]) == 2
     text = _text(capsys.readouterr())
     assert str(out) in text and "conversion output" in text, text
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     # A previous output with something else added at its top level is not replaced either.
     done = tmp_path / "done"
-    assert main(["data", "convert", str(dataset), "-o", str(done)]) == 0
+    assert main(["data", "convert", "--released-layout", str(dataset), "-o", str(done)]) == 0
     (done / "notes.txt").write_text("mine")
-    assert main(["data", "convert", str(dataset), "-o", str(done), "--overwrite"]) == 2
+    assert main(["data", "convert", "--released-layout", str(dataset), "-o", str(done), "--overwrite"]) == 2
     assert (done / "notes.txt").read_text() == "mine"
     # The library refuses the same way; an empty folder is fine.
     with pytest.raises(InputError, match="conversion output"):
@@ -205,7 +205,7 @@ def test_images_outside_the_manifest_folder_are_refused(case, dataset, tmp_path,
     rows[1]["refined"] = value
     manifest = _manifest(folder / "hostile.jsonl", rows)
     out = tmp_path / "out"
-    assert main(["data", "convert", str(manifest), "-o", str(out)]) == 2
+    assert main(["data", "convert", "--released-layout", str(manifest), "-o", str(out)]) == 2
     text = _text(capsys.readouterr())
     assert "row 1" in text and "refined" in text and "--allow-outside-root" in text, text
     assert "secret.png" in text and str(folder) in text, text
@@ -214,7 +214,7 @@ def test_images_outside_the_manifest_folder_are_refused(case, dataset, tmp_path,
         convert(manifest, tmp_path / "lib-out")
     assert _files_with(tmp_path / "lib-out", SECRET) == []
     # The opt-in lets it through: the file is then part of the dataset, as asked.
-    assert main(["data", "convert", str(manifest), "-o", str(out), "--allow-outside-root"]) == 0
+    assert main(["data", "convert", "--released-layout", str(manifest), "-o", str(out), "--allow-outside-root"]) == 0
     assert len(_files_with(out, SECRET)) == 1
 
 
@@ -241,7 +241,7 @@ def test_released_layout_names_that_escape_are_refused(tmp_path, capsys):
     pd.DataFrame([{"easy_prompt": "p", "refine_prompt": "q", "easy_image_0": "0_0.png", "easy_image_1": "0_1.png",
                    "refine_image": "../../../outside/secret.png"}]).to_parquet(root / "Pick-High" / "train.parquet")
     out = tmp_path / "out"
-    assert main(["data", "convert", str(root), "-o", str(out)]) == 2
+    assert main(["data", "convert", "--released-layout", str(root), "-o", str(out)]) == 2
     text = _text(capsys.readouterr())
     assert "row 0" in text and "secret.png" in text and "--allow-outside-root" in text, text
     assert _files_with(out, SECRET) == []
@@ -265,7 +265,7 @@ def test_split_names_cannot_write_outside_the_output(dataset, tmp_path, capsys):
     rows[1]["split"] = "../../escaped"
     manifest = _manifest(dataset.parent / "split.jsonl", rows)
     out = tmp_path / "sub" / "out"
-    assert main(["data", "convert", str(manifest), "-o", str(out)]) == 2
+    assert main(["data", "convert", "--released-layout", str(manifest), "-o", str(out)]) == 2
     assert "row 1" in _text(capsys.readouterr())
     assert not (tmp_path / "escaped.pkl").exists() and not (tmp_path / "escaped").exists()
     assert not any(p.name == "escaped.pkl" for p in tmp_path.rglob("*"))

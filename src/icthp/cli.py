@@ -86,6 +86,77 @@ def _setup_logging(verbose: bool) -> None:
     # The CLI prints each checkpoint's description (untrained presets in red) itself; the library's
     # warnings about the same thing would only repeat it.
     logging.getLogger("icthp").setLevel(logging.INFO if verbose else logging.ERROR)
+    # transformers 5 warns that CLIPImageProcessor "requires torchvision" whenever something imports it
+    # (diffusers does, at import). icthp never uses transformers' image processors (its own PIL and torch
+    # preprocessing reproduces them), so on icthp's commands the warning is noise.
+    logging.getLogger("transformers.utils.import_utils").addFilter(_not_torchvision_warning)
+
+
+def _not_torchvision_warning(record: logging.LogRecord) -> bool:
+    return "requires torchvision" not in str(record.msg)
+
+
+class PlainProgress:
+    """Progress as plain lines on stderr when it is not a terminal (a log file, CI, nohup): rich's bars
+    draw nothing there. Same ``add_task`` / ``advance`` calls as ``rich.progress.Progress``; a line per task
+    every ``every_s`` seconds (``$ICTHP_PROGRESS_EVERY``, default 30) and when a task completes."""
+
+    def __init__(self, label: str = "", every_s: float | None = None):
+        import os
+
+        self.label = label
+        self.every_s = float(os.environ.get("ICTHP_PROGRESS_EVERY", "30")) if every_s is None else every_s
+        self.tasks: dict[int, dict] = {}
+
+    def __enter__(self) -> PlainProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def add_task(self, description: str, total: float | None = None, **_) -> int:
+        now = time.monotonic()
+        task = len(self.tasks)
+        self.tasks[task] = {"description": description, "total": total, "done": 0, "start": now, "last": now}
+        return task
+
+    def update(self, task: int, *, total: float | None = None, advance: float | None = None, **_) -> None:
+        if total is not None:
+            self.tasks[task]["total"] = total
+        if advance:
+            self.advance(task, advance)
+
+    def advance(self, task: int, n: float = 1) -> None:
+        t = self.tasks[task]
+        t["done"] += n
+        now = time.monotonic()
+        finished = t["total"] is not None and t["done"] >= t["total"]
+        if finished or now - t["last"] >= self.every_s:
+            t["last"] = now
+            err.print(self._line(t, now), highlight=False, markup=False)
+
+    def _line(self, t: dict, now: float) -> str:
+        label = " ".join(dict.fromkeys(x for x in (self.label, t["description"]) if x))
+        done, total, elapsed = t["done"], t["total"], max(now - t["start"], 1e-9)
+        rate = done / elapsed
+        if total:
+            left = (total - done) / rate if rate > 0 else float("inf")
+            eta = "done" if done >= total else (f"ETA {left / 60:.0f} min" if left >= 90 else f"ETA {left:.0f} s")
+            return f"{label}: {done:g}/{total:g} ({100 * done / total:.0f}%), {rate:.2f}/s, {eta}"
+        return f"{label}: {done:g}, {rate:.2f}/s"
+
+
+def progress(label: str = ""):
+    """A progress display for a command: rich's bar on a terminal, :class:`PlainProgress` lines otherwise.
+
+    Both are context managers with ``add_task(description, total=n)`` and ``advance(task, n)``.
+    """
+    if err.is_terminal:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        return Progress(TextColumn(label or "{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeRemainingColumn(), console=err, transient=True)
+    return PlainProgress(label)
 
 
 def _print_config(title: str, values) -> None:
@@ -104,13 +175,21 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.4f}"
 
 
-def _print_table(rows: list[dict], untrained: bool, limit: int) -> None:
-    columns = [c for c in ("ict", "hp", "ict_hp") if any(c in r for r in rows)]
-    folders = {str(Path(r["image"]).parent) for r in rows[:limit]}
+def _print_table(rows: list[dict], untrained: bool, limit: int, rank_by: str) -> None:
+    columns = [c for c in ("ict", "hp", "ict_hp", "ict_hp_group") if any(c in r for r in rows)]
+    if rank_by not in columns and any(rank_by in r for r in rows):
+        columns.append(rank_by)
+    folders = {str(Path(r["image"]).parent) for r in rows}
     # One folder: show file names only and the folder in the caption, so the table stays readable.
     shown = {r["image"]: (Path(r["image"]).name if len(folders) == 1 else r["image"]) for r in rows[:limit]}
     title = "icthp scores" + ("  [bold red](UNTRAINED tiny-random weights: meaningless)[/]" if untrained else "")
-    table = Table(title=title, show_lines=False, caption=f"in {folders.pop()}" if len(folders) == 1 else None)
+    within = "group" if any(r.get("group") is not None for r in rows) else "prompt"
+    caption = f"rank: best first within each {within}, by {rank_by}"
+    if rank_by == "ict_hp_group":
+        caption += " = ict x softmax(hp_logit) over the group (the released rule)"
+    if len(folders) == 1:
+        caption = f"in {next(iter(folders))}; {caption}"
+    table = Table(title=title, show_lines=False, caption=caption)
     table.add_column("image", overflow="fold")
     if any(r.get("prompt") for r in rows):
         table.add_column("prompt", overflow="ellipsis", max_width=40)
@@ -169,11 +248,10 @@ def score(
       icthp score shared/data/demo/triplets.jsonl --ict tiny-random --hp tiny-random   (offline demo, untrained)
     """
     _setup_logging(verbose)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from . import __version__
     from .files import ImageItem, check_output, check_prompt_text, discover
-    from .jobs import run_score_job
+    from .jobs import rank_column, run_score_job
     from .scoring import load
 
     if output is not None:  # before reading anything or loading a model
@@ -202,9 +280,8 @@ def score(
         "tokenization": scorer.tokenization,
         "untrained": untrained,
     }
-    with Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=err, transient=True) as bar:
-        task = bar.add_task("score", total=len(items))
+    with progress("scoring") as bar:
+        task = bar.add_task("images", total=len(items))
         try:
             result = run_score_job(
                 scorer, items, output=output, resume=resume, overwrite=overwrite, on_error=on_error.value,
@@ -219,7 +296,7 @@ def score(
             err.print(f"interrupted: {kept}", highlight=False)
             raise typer.Exit(130) from None
     if show > 0:
-        _print_table(result.rows, untrained, show)
+        _print_table(result.rows, untrained, show, rank_column(scorer.main_component or scorer.name))
     for e in result.errors:
         err.print(f"[yellow]skipped[/] {e['image']}: {e['error']}")
     summary = (f"scored {result.scored} image(s), reused {result.reused}, {len(result.errors)} unreadable, "
@@ -389,6 +466,7 @@ def bench(
     dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto (bf16 on CUDA).")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per forward.")] = 32,
     html: Annotated[bool, typer.Option(help="Write report.html (self-contained).")] = True,
+    overwrite: Annotated[bool, typer.Option(help="Replace the results already in --output-dir.")] = False,
 ) -> int:
     """Preference accuracy of reward models on triplet data (the paper's I2>I1, I3>I2, I3>I1, Mean) or pairs.
 
@@ -397,14 +475,17 @@ def bench(
     _setup_logging(False)
     import os
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from .bench.evaluate import run_bench, write_bench
+    from .errors import InputError
     from .files import check_writable
     from .registry import MODELS
     from .scoring import load
 
-    check_writable(output_dir / "results.json", "--output-dir")  # before loading any model
+    # Before loading any model: the folder must be writable, and earlier results are replaced only if asked.
+    check_writable(output_dir / "results.json", "--output-dir")
+    if (output_dir / "results.json").exists() and not overwrite:
+        raise InputError(f"{output_dir} already holds benchmark results (results.json); pass --overwrite to replace "
+                         "them or choose another --output-dir")
 
     specs = {}
     for spec in model or ["ict-hp", "ict", "hp"]:
@@ -435,17 +516,16 @@ def bench(
                               "description": "; ".join(i.describe() for i in infos)}
         if descriptions[name]["untrained"]:
             err.print(f"[bold red]{name}: UNTRAINED random weights: accuracies are meaningless[/]")
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=err, transient=True) as bar:
+    with progress() as bar:
 
-        def progress(label, total):
+        def task_progress(label, total):
             task = bar.add_task(label, total=total)
             return lambda n: bar.advance(task, n)
 
         res = run_bench(data, scorers, kind=kind.value, split=split, limit=limit, allow_pickle=allow_pickle,
                         score_ties=score_ties.value, label_ties=label_ties.value, aggregate=aggregate.value,
                         cache_dir=cache_dir, batch_size=batch_size, published=published, descriptions=descriptions,
-                        progress=progress)
+                        progress=task_progress)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     paths = write_bench(res, output_dir, html=html)
@@ -507,20 +587,19 @@ def metrics(
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Look into sub-folders.")] = False,
     device: Annotated[str, typer.Option(help="cpu, cuda, ... or auto.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per forward of the aesthetic model.")] = 32,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --output.")] = False,
 ) -> int:
     """Image-quality metrics of generated images: JPEG size (kB at --quality) and the LAION aesthetic score.
 
     Example: icthp metrics samples/ --output metrics.csv
     """
     _setup_logging(False)
+    from . import __version__
     from .bench.quality import image_metrics, summarise
-    from .errors import InputError
-    from .files import check_table_path, check_writable, discover, write_table
+    from .files import check_output, discover, write_table
 
     if output is not None:  # before loading the aesthetic model
-        check_writable(check_table_path(output))
-        if any(Path(i).exists() and Path(i).resolve() == output.resolve() for i in inputs):
-            raise InputError(f"output {output} is one of the inputs; write the metrics to a new file")
+        check_output(output, inputs, overwrite=overwrite)
     images = list(dict.fromkeys(item.image for item in discover(inputs, recursive=recursive)))
     scorer = None
     if aesthetic:
@@ -540,8 +619,17 @@ def metrics(
     for r in failed[:5]:
         err.print(f"[yellow]skipped:[/] {r['error']}", highlight=False)
     if output is not None:
-        meta = {"jpeg_quality": quality, "jpeg_kb": "bytes / 1000 of PIL JPEG at that quality (RGB)",
-                "aesthetic": "LAION aesthetic predictor v2 (1..10)" if aesthetic else None, "summary": summary}
+        from .jobs import scorer_identity
+
+        infos = scorer.checkpoints() if scorer is not None else []
+        meta = {"icthp_version": __version__, "jpeg_quality": quality,
+                "jpeg_kb": "bytes / 1000 of PIL JPEG at that quality (RGB)",
+                "aesthetic": None if scorer is None else {
+                    "model": "LAION aesthetic predictor v2 (1..10): CLIP ViT-L/14 image embedding + MLP",
+                    "weights": [{"kind": i.kind, "source": i.source, "path": i.path, "layout": i.layout,
+                                 "untrained": i.untrained} for i in infos],
+                    "identity": scorer_identity(scorer)},
+                "untrained": any(i.untrained for i in infos), "summary": summary}
         write_table(rows, output, metadata=meta)
         out.print(f"wrote {output}", highlight=False)
     return 1 if failed and len(failed) == len(rows) else 0

@@ -28,11 +28,9 @@ def _consoles():
 
 
 def _progress(label: str):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from .cli import progress
 
-    _, err = _consoles()
-    return Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err,
-                    transient=True)
+    return progress(label)
 
 
 @data_app.command()
@@ -101,7 +99,7 @@ def label(
     device: Annotated[str, typer.Option()] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.")] = "auto",
 ) -> int:
-    """Build the ICT labels E1 E2 R1 R2 of triplets with a CLIP (method.md section 2), into a new manifest."""
+    """Build the ICT labels E1 E2 R1 R2 of triplets with a CLIP (formula in docs/data.md), into a new manifest."""
     from .cli import _device, _dtype
     from .data import read_triplets
     from .labels import check_label_output, label_job
@@ -129,6 +127,12 @@ def label(
         raise typer.Exit(130) from None
     out.print(f"labelled {result.labelled} row(s), reused {result.reused}, theta {theta} -> {escape(str(result.output))}",
               soft_wrap=True)
+    if result.replaced:
+        err.print(f"[yellow]note:[/] {result.replaced} row(s) of the source already had labels (E1 E2 R1 R2); the "
+                  f"output holds the new ones, the source is unchanged", soft_wrap=True, highlight=False)
+    if result.warning:
+        err.print(f"[bold yellow]warning:[/] {escape(result.warning)}" + (" (the labelling CLIP is untrained)"
+                  if scorer.info.untrained else ""), soft_wrap=True, highlight=False)
     return 0
 
 
@@ -180,6 +184,8 @@ def fit_theta_command(
     out.print(table)
     verdict = "[green]consistent with the label formula[/]" if fit.consistent else "[red]NOT consistent with the label formula[/]"
     out.print(f"{verdict} (tolerance {tolerance})")
+    for problem in fit.problems:
+        err.print(f"[bold yellow]warning:[/] {escape(problem)}", soft_wrap=True, highlight=False)
     if json_output is not None:
         from .files import atomic_path
 
@@ -197,17 +203,33 @@ def convert_command(
     copy: Annotated[bool, typer.Option(help="Copy images into a released layout instead of hard-linking them.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output (a folder only if an earlier conversion wrote it; it is replaced whole, not merged into).")] = False,
     allow_outside_root: Annotated[bool, typer.Option("--allow-outside-root", help="Let a released-layout output take images from outside the source's folder (.., absolute, ~ or symlinked paths). Trusted sources only.")] = False,
+    released_layout: Annotated[bool, typer.Option("--released-layout", help="Write the released Pick-High layout (pickles + image folders) into the --output folder. Reading it back needs --allow-pickle.")] = False,
 ) -> int:
-    """Convert released Pick-High layout <-> manifest, or Parquet <-> JSONL <-> CSV, keeping every column."""
-    from .data import convert
+    """Convert released Pick-High layout <-> manifest, or Parquet <-> JSONL <-> CSV, keeping every column.
 
-    out, _ = _consoles()
+    A manifest output is safe to share and to read; the released layout stores pickles (which run code when
+    read), so it is written only with --released-layout, for tools that need that layout.
+    """
+    from .data import MANIFEST_SUFFIXES, convert
+    from .errors import InputError
+
+    out, err = _consoles()
+    is_manifest = Path(output).suffix.lower() in MANIFEST_SUFFIXES
+    if not is_manifest and not released_layout:
+        raise InputError(f"output {output} is not a .parquet/.jsonl/.csv manifest: a folder output writes the released "
+                         "Pick-High layout (pickles, which icthp reads back only with --allow-pickle); pass "
+                         "--released-layout to write it, or give a manifest path")
+    if is_manifest and released_layout:
+        raise InputError(f"--released-layout writes a folder, but --output {output} names a manifest file")
     if Path(output).exists() and not overwrite:
         raise typer.BadParameter(f"{output} exists; pass --overwrite to replace it")
     written = convert(source, output, split=split, allow_pickle=allow_pickle, link=not copy,
                       allow_outside_root=allow_outside_root)
     n = _count_written(written, allow_pickle)
     out.print(f"{escape(str(source))} -> {escape(str(output))}: {n} triplet(s)", soft_wrap=True)
+    if not is_manifest:
+        err.print(f"note: {escape(str(output))} stores pickles: reading it back (icthp data / train / bench) needs "
+                  "--allow-pickle (allow_pickle=true in a training config)", soft_wrap=True, highlight=False)
     return 0
 
 

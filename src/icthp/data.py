@@ -53,11 +53,13 @@ RELEASED_TO_ICTHP = {
 ICTHP_TO_RELEASED = {v: k for k, v in RELEASED_TO_ICTHP.items()}
 ROLE_ALIASES = {"high": "refined", "I1": "lose", "I2": "win", "I3": "refined"}
 REQUIRED = ("prompt", *ROLES)
+#: file suffixes of manifests (anything else written by `convert` is a released-layout folder)
+MANIFEST_SUFFIXES = (".parquet", ".jsonl", ".csv")
 # A released layout written by `convert` holds this file: only such a folder is replaced by a new conversion.
 CONVERT_MARKER = ".icthp-convert.json"
 LAYOUT_ENTRIES = frozenset({"Pick-High", "pick_easy_img", "pick_refine_img", CONVERT_MARKER})
 # Labels are at most 1 (C = min(cos / theta, 1)) and negative where a cosine is (no clamp at 0 by default);
-# E1 <= E2 and |R| <= |E| (R = E x a text cosine) hold by construction (method.md section 2), up to rounding.
+# E1 <= E2 and |R| <= |E| (R = E x a text cosine) hold by construction (docs/data.md), up to rounding.
 LABEL_TOLERANCE = 1e-6
 
 
@@ -69,7 +71,7 @@ class UnsafePickleError(InputError):
 class Triplet:
     """One prompt and three images: I1 = ``lose``, I2 = ``win``, I3 = ``refined``; expected I1 < I2 < I3.
 
-    Image fields hold resolved paths. ``E1 E2 R1 R2`` are the ICT labels (method.md section 2), or None.
+    Image fields hold resolved paths. ``E1 E2 R1 R2`` are the ICT labels (docs/data.md), or None.
     ``extra`` keeps any other column of the source, so conversions lose nothing.
     """
 
@@ -681,7 +683,7 @@ def convert(
     src = Path(source).expanduser()
     if out.exists() and out.resolve() == src.resolve():
         raise InputError(f"output {out} is the input; write the conversion elsewhere")
-    manifest = out.suffix.lower() in (".parquet", ".jsonl", ".csv")
+    manifest = out.suffix.lower() in MANIFEST_SUFFIXES
     if not manifest:
         if out.suffix:
             raise InputError(f"output {out}: expected a .parquet/.jsonl/.csv manifest or a folder for the released layout")

@@ -112,7 +112,7 @@ def _resolve(base: Path, value: Any, where: str) -> str:
     if not isinstance(value, str) or not value:
         raise InputError(f"{where}: expected an image path, got {value!r}")
     p = Path(value).expanduser()
-    return str(p if p.is_absolute() else base / p)
+    return os.path.abspath(p if p.is_absolute() else base / p)
 
 
 def items_from_manifest(
@@ -179,6 +179,10 @@ def discover(
 ) -> list[ImageItem]:
     """Expand files, folders and manifests into image items (folders sorted by name).
 
+    Image paths are absolute (``os.path.abspath``: symlinks are not resolved), whatever the input: a manifest's
+    relative paths are taken relative to the manifest's folder. Outputs therefore mean the same from any
+    working directory, and ``--resume`` works from another one.
+
     Raises:
         InputError: a path that does not exist, or a folder with no images.
     """
@@ -191,12 +195,12 @@ def discover(
             if not found:
                 raise InputError(f"folder {p} has no images ({', '.join(IMAGE_EXTENSIONS)})"
                                  + ("" if recursive else "; use --recursive for sub-folders"))
-            items.extend(ImageItem(image=str(f)) for f in found)
+            items.extend(ImageItem(image=os.path.abspath(f)) for f in found)
         elif p.suffix.lower() in MANIFEST_EXTENSIONS:
             items.extend(items_from_manifest(p, image_columns, prompt_column))
         elif p.exists() or p.suffix.lower() in IMAGE_EXTENSIONS:
             # A missing image file is kept: it is reported with its path when scoring, like a corrupt one.
-            items.append(ImageItem(image=str(p)))
+            items.append(ImageItem(image=os.path.abspath(p)))
         else:
             raise InputError(f"{p} does not exist (expected image files, folders or {'/'.join(MANIFEST_EXTENSIONS)} manifests)")
     return items

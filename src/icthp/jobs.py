@@ -96,7 +96,11 @@ def check_same_job(previous: dict[str, Any] | None, current: dict[str, Any], whe
 
 @dataclass
 class ScoreJobResult:
-    """Outcome of :func:`run_score_job`: rows in input order, and what happened."""
+    """Outcome of :func:`run_score_job`: rows in input order, and what happened.
+
+    ``scored``: images scored by this call; ``reused``: rows taken from the output or journal of an earlier
+    run; ``errors``: rows of images that could not be read (counted in neither).
+    """
 
     rows: list[dict[str, Any]]
     scored: int
@@ -106,6 +110,10 @@ class ScoreJobResult:
     seconds: float = 0.0
 
 
+#: the column ICT-HP ranks by: ``ict * softmax(hp_logit)`` over the images of one group (the released rule)
+GROUP_COLUMN = "ict_hp_group"
+
+
 def _row(item: ImageItem, columns: Sequence[str], scores: dict[str, float | None], error: str | None) -> dict[str, Any]:
     row: dict[str, Any] = {"image": item.image, "prompt": item.prompt}
     if item.role is not None:
@@ -113,6 +121,8 @@ def _row(item: ImageItem, columns: Sequence[str], scores: dict[str, float | None
         row["group"] = item.group
     for name in columns:  # every row has every column (None when unreadable), so tables have one schema
         row[name] = scores.get(name)
+    if "ict_hp" in columns:
+        row[GROUP_COLUMN] = None  # filled in by _add_ranks, once the whole group is scored
     row["error"] = error
     return row
 
@@ -127,7 +137,9 @@ def _as_float(value: Any) -> float | None:
 def _add_ranks(rows: list[dict[str, Any]], main: str) -> None:
     """Rank 1 = best, within each triplet group (manifests) or each prompt (files and folders).
 
-    ICT-HP ranks by the released group rule ``ict * softmax_group(hp_logit)`` (as :meth:`Scorer.rank`).
+    ICT-HP ranks by the released group rule ``ict * softmax_group(hp_logit)`` (as :meth:`Scorer.rank`), and
+    writes that value in its own column (:data:`GROUP_COLUMN`) so the rank follows a column the user sees;
+    other models rank by their main column.
     """
     groups: dict[Any, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
@@ -137,11 +149,18 @@ def _add_ranks(rows: list[dict[str, Any]], main: str) -> None:
         if main == "ict_hp":
             keys = ict_hp_group(torch.tensor([r["ict"] for r in members]),
                                 torch.tensor([r["hp_logit"] for r in members])).tolist()
+            for r, k in zip(members, keys, strict=True):
+                r[GROUP_COLUMN] = k
         else:
             keys = [r[main] for r in members]
         order = sorted(range(len(members)), key=lambda i: -keys[i])
         for rank, i in enumerate(order, 1):
             members[i]["rank"] = rank
+
+
+def rank_column(main: str) -> str:
+    """The column that ``rank`` follows for a model whose main score is ``main``."""
+    return GROUP_COLUMN if main == "ict_hp" else main
 
 
 def run_score_job(
@@ -257,7 +276,8 @@ def run_score_job(
             raise JobError(f"cannot write {out_path}: {exc.strerror or exc}; every scored row is kept in {journal_file}: "
                            "free space (or fix the disk) and rerun with --resume") from exc
         journal_file.unlink(missing_ok=True)
-    return ScoreJobResult(rows, len(todo_keys), reused, errors, out_path, time.perf_counter() - start)
+    scored = sum(1 for k in todo_keys if results[k][1] is None)  # unreadable images are not "scored"
+    return ScoreJobResult(rows, scored, reused, errors, out_path, time.perf_counter() - start)
 
 
 def _output_identity(path: Path) -> dict[str, Any] | None:

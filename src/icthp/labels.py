@@ -1,4 +1,4 @@
-"""ICT labels (method.md section 2): building E1 E2 R1 R2 with a CLIP, and measuring theta from labels.
+"""ICT labels (docs/data.md): building E1 E2 R1 R2 with a CLIP, and measuring theta from labels.
 
 ::
 
@@ -24,7 +24,7 @@ import json
 import math
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ def ict_labels(cos_lose: torch.Tensor, cos_win: torch.Tensor, text_cos: torch.Te
                clamp_negative: bool = False) -> dict[str, torch.Tensor]:
     """The label formulas on tensors ``[B]`` of cosines. Returns ``{"E1", "E2", "R1", "R2"}``.
 
-    Exactly method.md section 2: ``C = min(cos / theta, 1)``, no floor, so a negative image-text cosine
+    Exactly the formula of the paper (docs/data.md): ``C = min(cos / theta, 1)``, no floor, so a negative image-text cosine
     gives a negative E and a negative text-text cosine a negative R. ``clamp_negative=True`` floors C and
     the text cosine at 0 (labels then stay in [0, 1]).
 
@@ -135,6 +135,10 @@ class LabelJobResult:
     rows: int
     labelled: int
     reused: int
+    #: rows of the source that already had E1 E2 R1 R2 (the output holds the new labels; the source is unchanged)
+    replaced: int = 0
+    #: why the labels look degenerate (all rows equal, all zero...), or None
+    warning: str | None = None
 
 
 def label_job(
@@ -198,6 +202,7 @@ def label_job(
     elif journal_file.exists():  # overwrite (check_label_output refused it otherwise)
         journal_file.unlink()
     todo = [t for t in triplets if t.index not in done]
+    replaced = sum(1 for t in triplets if t.has_labels)
     if progress is not None and len(triplets) - len(todo):
         progress(len(triplets) - len(todo))
     journal = Journal(journal_file, header=identity)
@@ -221,7 +226,9 @@ def label_job(
     write_manifest((_with_labels(t, done[t.index]) for t in triplets), out)
     info = getattr(clip, "info", None)
     metadata = {
-        "labels": "ICT E1 E2 R1 R2 (method.md section 2)",
+        "labels": "ICT E1 E2 R1 R2: C = min(cos/theta, 1), E2 = C(win), E1 = min(C(lose), E2), R = E x text cosine "
+                  "(docs/data.md)",
+        "replaced_source_labels": replaced,
         "theta": theta,
         "clamp_negative": clamp_negative,
         "tokenization": getattr(clip, "tokenization", None),
@@ -234,7 +241,25 @@ def label_job(
     with atomic_path(meta_path(out)) as tmp:
         tmp.write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
     journal_file.unlink(missing_ok=True)
-    return LabelJobResult(out, len(triplets), len(todo), len(triplets) - len(todo))
+    return LabelJobResult(out, len(triplets), len(todo), len(triplets) - len(todo), replaced,
+                          degenerate_labels([done[t.index] for t in triplets]))
+
+
+def degenerate_labels(labels: Sequence[dict[str, float]]) -> str | None:
+    """Why a set of labels says nothing (every row the same, e.g. from an untrained labelling CLIP), or None.
+
+    Example:
+        >>> degenerate_labels([{"E1": 0.0, "E2": 0.0, "R1": 0.0, "R2": 0.0}] * 3)
+        'all 3 rows got the same labels (E1 0, E2 0, R1 0, R2 0): the labelling CLIP or theta cannot tell the images apart'
+    """
+    if len(labels) < 2:
+        return None
+    first = labels[0]
+    if all(all(math.isclose(row[k], first[k], abs_tol=1e-9) for k in ("E1", "E2", "R1", "R2")) for row in labels):
+        values = ", ".join(f"{k} {first[k]:.4g}" for k in ("E1", "E2", "R1", "R2"))
+        return (f"all {len(labels)} rows got the same labels ({values}): the labelling CLIP or theta cannot tell "
+                "the images apart")
+    return None
 
 
 def _finished_output(out: Path, triplets: Sequence[Triplet], keys: dict[int, str], theta: float,
@@ -274,7 +299,8 @@ class ThetaFit:
         relative_spread: (max - min) / median of the estimates: ~0 when the labels follow the formula.
         clamped_rows: rows with E2 = 1; ``clamped_violations`` of them have ``cos(I2, P) < theta``.
         r_ratio_max_error: max |R/E - cos_text| over rows with E > 0 (0 when R = E x text cosine).
-        consistent: all of the above within ``tolerance``.
+        consistent: all of the above within ``tolerance``, and theta in (0, 1].
+        problems: what makes the fit meaningless, in words (e.g. a negative theta).
     """
 
     theta: float | None
@@ -287,6 +313,7 @@ class ThetaFit:
     rows: int
     tolerance: float
     consistent: bool
+    problems: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -344,9 +371,16 @@ def fit_theta(
     r_max = max(r_errors) if r_errors else None
     consistent = (
         theta is not None
+        and 0 < theta <= 1
         and spread is not None and spread <= tolerance
         and violations == 0
         and (r_max is None or r_max <= tolerance)
     )
+    problems = []
+    if theta is None:
+        problems.append("no row gives an estimate (every E2 is 0 or 1)")
+    elif not 0 < theta <= 1:
+        problems.append(f"theta = {theta:.4g} is not a threshold on cosines (expected 0 < theta <= 1): these labels "
+                        "were not made with this CLIP and the label formula")
     return ThetaFit(theta, len(estimates), spread, quantiles, clamped, violations, r_max, len(triplets), tolerance,
-                    consistent)
+                    consistent, problems)

@@ -1,4 +1,4 @@
-"""Preference accuracy as pure functions of score tensors (method.md section 7).
+"""Preference accuracy as pure functions of score tensors (protocols in docs/bench.md).
 
 Protocols differ across the field, so each choice is an argument and is written into every result:
 

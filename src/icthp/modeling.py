@@ -486,7 +486,7 @@ def restore_position_ids(model: nn.Module) -> None:
 
 
 def set_hp_trainable(model: HPModel, fix_rate: float = 0.5, freeze_embeddings: bool = False) -> list[str]:
-    """Freeze the HP network as the released HP stage does (method.md section 4); returns trainable names.
+    """Freeze the HP network as the released HP stage does (docs/training.md); returns trainable names.
 
     The visual projection and the first ``int(n * fix_rate)`` of ``[vision layers..., post_layernorm]``
     (``n`` = layers + 1, 33 for CLIP-H) are frozen; the rest of the vision tower and the MLP head train.

@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 TRIPLET_ROLES = ("lose", "win", "refined")
 PAIR_ROLES = ("image_a", "image_b")
 
-#: The paper's Table (method.md section 7): Pick-High test triplets, ties are errors, pooled.
+#: The paper's Table (docs/bench.md): Pick-High test triplets, ties are errors, pooled.
 PUBLISHED_PICK_HIGH = {
     "clip": {"mean": 60.30, "I2>I1": 64.29, "I3>I2": 52.80, "I3>I1": 63.79},
     "imagereward": {"mean": 63.81, "I2>I1": 64.58, "I3>I2": 58.02, "I3>I1": 68.84},

@@ -134,8 +134,14 @@ def _bar_chart(result: dict) -> str:
     names = _names(result)
     groups = TRIPLET_COLUMNS if result["kind"] == "triplet" else ("accuracy",)
     acc = result["accuracy"]
-    w, h, left, bottom, top = 760, 300, 44, 40, 16
-    plot_w, plot_h = w - left - 150, h - bottom - top
+    # Bars at least 28 px wide, so each value label ("64.7") fits over its bar: with many scorers the chart
+    # grows wider (its viewBox keeps it scalable) instead of printing labels over each other. The legend
+    # needs 20 px per scorer.
+    left, bottom, top, legend = 44, 40, 16, 150
+    plot_w = max(566.0, len(groups) * (16 + 28.0 * len(names)))
+    w = int(left + plot_w + legend)
+    h = max(300, top + 20 * len(names) + 24)
+    plot_h = h - bottom - top
     gw = plot_w / len(groups)
     bw = min(38.0, (gw - 16) / len(names))
     out = [f'<svg class="chart bars" viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" '
@@ -340,6 +346,7 @@ table.acc, table.agree {{ border-collapse: collapse; margin: 8px 0; }}
 table.acc th, table.acc td, table.agree th, table.agree td {{ border: 1px solid #d9dee7; padding: 5px 10px;
     text-align: right; }}
 table.acc th:first-child {{ text-align: left; }} tr.published {{ color: #667085; }}
+svg.bars {{ max-width: 100%; height: auto; }}
 svg .grid {{ stroke: #e3e7ee; }} svg .axis {{ font-size: 11px; fill: #555; }}
 svg .val {{ font-size: 10px; fill: #333; }} svg .head {{ font-size: 12px; font-weight: 600; fill: #1d2330; }}
 .dists {{ display: flex; flex-wrap: wrap; gap: 8px; }}

@@ -462,5 +462,7 @@ def run(config: ServeConfig, *, log_level: str = "info", graceful_timeout_s: flo
     import uvicorn
 
     config.validate()
-    uvicorn.Server(uvicorn_config(create_app(config), config, log_level=log_level,
+    # log_config=None: uvicorn's loggers go through the handler the CLI set up, so its lines and icthp's
+    # share one format (uvicorn would otherwise install its own "INFO:     ..." formatter beside ours).
+    uvicorn.Server(uvicorn_config(create_app(config), config, log_level=log_level, log_config=None,
                                   timeout_graceful_shutdown=graceful_timeout_s)).run()
