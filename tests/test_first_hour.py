@@ -93,8 +93,9 @@ def test_output_paths_are_absolute_for_folders_and_manifests(triplet_manifest, t
 def test_caption_names_a_folder_only_when_every_row_is_in_it(tmp_path, monkeypatch):
     import io
 
-    import icthp.cli
     from rich.console import Console
+
+    import icthp.cli
 
     for sub in ("a", "b"):
         (tmp_path / sub).mkdir()
@@ -150,9 +151,8 @@ def test_label_warns_about_equal_labels_and_replaced_source_labels(labelled_sour
 
 def test_fit_theta_calls_a_negative_theta_meaningless(labelled_source, tmp_path, monkeypatch, capsys):
     import icthp.labels
-    from icthp.labels import Cosines, fit_theta
-
     from icthp.data import read_triplets
+    from icthp.labels import Cosines, fit_theta
 
     rows = [t for t in read_triplets(labelled_source) if t.has_labels]
     cos = Cosines(torch.tensor([-0.07, -0.07], dtype=torch.float64), torch.tensor([-0.14, -0.14], dtype=torch.float64),
