@@ -36,7 +36,7 @@ def test_default_hub_ids_load_offline_from_the_cache(tmp_path):
         "laion/CLIP-ViT-H-14-laion2B-s32B-b79K": write_random_clip(w / "clip"),
         "yuvalkirstain/PickScore_v1": write_random_pickscore(w / "pickscore"),
         "xswu/HPSv2": hps,
-        "THUDM/ImageReward": write_random_imagereward(w / "imagereward"),
+        "THUDM/ImageReward": write_random_imagereward(w / "imagereward", vocab=False),  # as released: no vocab.txt
         "google-bert/bert-base-uncased": w / "bert",
         "trl-lib/ddpo-aesthetic-predictor": aesthetic,
         "openai/clip-vit-large-patch14": clip_l14,
@@ -72,6 +72,6 @@ def test_default_hub_ids_load_offline_from_the_cache(tmp_path):
     assert out["clip"]["files"][0].startswith(snapshot["laion/CLIP-ViT-H-14-laion2B-s32B-b79K"])
     assert out["pickscore"]["files"][0].startswith(snapshot["yuvalkirstain/PickScore_v1"])
     assert out["hpsv2"]["score"] != out["hpsv2.1"]["score"]  # two different files were read
-    assert out["error"].startswith("CheckpointError: could not get CLIP 'someone/not-cached' from the Hugging Face "
+    assert out["error"].startswith("HubDownloadError: could not get CLIP 'someone/not-cached' from the Hugging Face "
                                    "hub (HF_HUB_OFFLINE is set and the files are not in the local cache)")
     assert "hf download someone/not-cached --local-dir DIR" in out["error"]

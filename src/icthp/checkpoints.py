@@ -82,6 +82,11 @@ _METADATA_TYPES: dict[str, tuple[type, str]] = {"format": (str, "a string"), "un
 _KINDS = ("ict", "hp")
 
 
+class HubDownloadError(CheckpointError):
+    """Weights that had to come from the Hugging Face hub could not be downloaded (offline, no network, gated);
+    the message says how to give them locally, or as ``tiny-random``, in the words of the command."""
+
+
 @dataclass
 class CheckpointInfo:
     """Where a model's weights came from and what they are.
@@ -133,21 +138,24 @@ def looks_like_hub_id(source: str) -> bool:
     return len(parts) == 2 and all(parts) and not source.startswith((".", "~")) and "\\" not in source
 
 
-def resolve_source(source: str | os.PathLike, kind: str, revision: str | None = None) -> Path:
+def resolve_source(source: str | os.PathLike, kind: str, revision: str | None = None, what: str | None = None) -> Path:
     """Return a local directory for a checkpoint given as a directory or a hub id.
 
     Hub ids go through ``huggingface_hub.snapshot_download``, so its cache, ``HF_HOME`` and
-    ``HF_HUB_OFFLINE=1`` are honoured; only the files the loader needs are fetched.
+    ``HF_HUB_OFFLINE=1`` are honoured; only the files the loader needs are fetched. ``what`` names the weights
+    in errors (default ``"ICT checkpoint"`` / ``"HP checkpoint"``; ``data label`` says ``"labelling CLIP"``).
     """
+    what = what or f"{kind.upper()} checkpoint"
     path = Path(source).expanduser()
     if path.exists() and not path.is_dir():
-        raise CheckpointError(f"{kind.upper()} checkpoint {str(source)!r} is a file; expected a directory (or a hub id)")
+        raise CheckpointError(f"{what} {str(source)!r} is a file; expected a directory (or a hub id)")
 
     def complete(local: Path) -> bool:
         return kind != "ict" or first_existing(local, (WEIGHTS_SAFETENSORS, *RELEASED_WEIGHTS)) is not None
 
-    return fetch_directory(source, f"{kind.upper()} checkpoint", _HUB_PATTERNS[kind], revision, complete,
-                           alternative=" (or 'tiny-random' for an untrained offline demo)")
+    from .registry import offline_hint
+
+    return fetch_directory(source, what, _HUB_PATTERNS[kind], revision, complete, alternative=offline_hint(kind))
 
 
 def fetch_directory(
@@ -163,14 +171,17 @@ def fetch_directory(
 
     Only files matching ``patterns`` are fetched; each pattern list is tried in turn until ``complete``
     accepts the directory (e.g. safetensors first, the ``.bin`` only when there is no safetensors file).
-    ``what`` names the checkpoint in errors; ``alternative`` is added to the hint of a failed download.
+    ``what`` names the checkpoint in errors; ``alternative`` (a sentence, e.g.
+    :func:`icthp.registry.offline_hint`: the flag or config key that avoids the download) ends the error of a
+    failed download or of a source that is neither a directory nor a hub id.
     """
     path = Path(source).expanduser()
     if path.is_dir():
         return path
     src = str(source)
     if not looks_like_hub_id(src):
-        raise CheckpointError(f"{what} {src!r} is neither an existing directory nor a hub id of the form 'owner/name'")
+        raise CheckpointError(f"{what} {src!r} is neither an existing directory nor a hub id of the form 'owner/name'"
+                              + (f". {alternative}" if alternative else ""))
     from huggingface_hub import snapshot_download
 
     try:
@@ -183,10 +194,11 @@ def fetch_directory(
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
         hint = ("HF_HUB_OFFLINE is set and the files are not in the local cache" if offline
                 else "the hub could not be reached and the files are not in the local cache")
-        raise CheckpointError(
-            f"could not get {what} {src!r} from the Hugging Face hub ({hint}): {type(exc).__name__}: {exc}. "
+        said = str(exc).strip().rstrip(".")  # huggingface_hub's messages end with a full stop already
+        raise HubDownloadError(
+            f"could not get {what} {src!r} from the Hugging Face hub ({hint}): {type(exc).__name__}: {said}. "
             f"Download it where there is network (e.g. `hf download {src} --local-dir DIR`) and pass the "
-            f"directory instead{alternative}."
+            f"directory instead." + (f" {alternative}" if alternative else "")
         ) from exc
 
 
@@ -413,8 +425,11 @@ def load_ict(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
     revision: str | None = None,
+    what: str | None = None,
 ) -> tuple[nn.Module, CheckpointInfo]:
     """Load an ICT model (a ``CLIPModel``) strictly from a directory or hub id.
+
+    ``what`` names the weights in download errors (a CLIP used for labels is not an "ICT checkpoint").
 
     Returns:
         ``(model, info)``: the model in eval mode on ``device`` in ``dtype``, and a :class:`CheckpointInfo`.
@@ -422,7 +437,7 @@ def load_ict(
     Example:
         >>> model, info = load_ict("8y/ICT", device="cuda", dtype="bf16")  # doctest: +SKIP
     """
-    directory = resolve_source(source, "ict", revision)
+    directory = resolve_source(source, "ict", revision, what)
     meta = _read_metadata(directory)
     if meta.get("kind") not in (None, "ict"):
         raise CheckpointError(f"{directory} holds a {meta['kind'].upper()} checkpoint, not an ICT one")
@@ -468,6 +483,7 @@ def load_hp(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
     revision: str | None = None,
+    what: str | None = None,
 ) -> tuple[HPModel, CheckpointInfo]:
     """Load an HP model (vision tower + MLP head) strictly from a directory or hub id.
 
@@ -476,7 +492,7 @@ def load_hp(
     Example:
         >>> model, info = load_hp("8y/HP")  # doctest: +SKIP
     """
-    directory = resolve_source(source, "hp", revision)
+    directory = resolve_source(source, "hp", revision, what)
     meta = _read_metadata(directory)
     target = resolve_dtype(dtype)
     dev = torch.device(device)

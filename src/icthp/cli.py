@@ -5,6 +5,7 @@ Heavy imports (torch, transformers) happen inside commands so ``icthp --help`` s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -372,28 +373,58 @@ def models(json_output: Annotated[bool, typer.Option("--json", help="Print JSON.
         weights = ", ".join(x for x in (s.ict_source, s.hp_source, s.weights) if x)
         table.add_row(s.name, weights, "yes" if s.needs_prompt else "no", s.score_range, s.meaning, s.licence)
     out.print(table)
-    out.print(f"Any --ict/--hp also takes a local directory, another hub id, or '{TINY_RANDOM}' "
-              "(untrained random weights for offline tests and demos). Baselines: docs/baselines.md; "
-              "`icthp bench -m pickscore=DIR` gives a baseline's weights.")
+    out.print(f"Every weights option (--ict / --hp, -m NAME=..., --baseline NAME=..., --aesthetic-weights, "
+              f"base= / ict= / hp= / reward_weights= in configs) takes a hub id, a local directory, or "
+              f"'{TINY_RANDOM}' (untrained random weights in the released layout, generated offline for tests and "
+              "demos; `icthp preset tiny-random --output DIR` writes them all). Baselines: docs/baselines.md.")
     return 0
 
 
 @app.command()
 def preset(
-    name: Annotated[str, typer.Argument(help="Preset name (only 'tiny-random').")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write ict/ and hp/ into.")],
+    name: Annotated[str, typer.Argument(help="Preset: 'tiny-random' (every registered model and both tiny pipelines), "
+                                             "'tiny-random-sd3' or 'tiny-random-sd' (one diffusers pipeline).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write into (new or empty).")],
     seed: Annotated[int, typer.Option(help="Random seed of the weights.")] = 0,
+    pipelines: Annotated[bool, typer.Option(help="With tiny-random: also write the tiny diffusers pipelines sd3/ and sd/ (needs diffusers).")] = True,
 ) -> int:
-    """Write a preset's checkpoints in the released layouts (tiny-random: UNTRAINED, for tests and demos)."""
-    from .presets import UNTRAINED_WARNING, write_tiny_preset
+    """Write UNTRAINED random weights in the released layouts, to run every command offline (tests and demos).
+
+    tiny-random: ict/ and hp/, one directory per baseline (clip/, pickscore/, hpsv2/ for hpsv2 and hpsv2.1,
+    imagereward/, aesthetic/), the pipelines sd3/ and sd/, and a README.md giving the flag for each.
+    Without --output the same weights are generated into the cache wherever 'tiny-random' names weights.
+
+    Example: icthp preset tiny-random --output tiny/   then   icthp bench data.jsonl -m pickscore=tiny/pickscore
+    """
+    import importlib.util
+
+    from .presets import TINY_PIPELINES, UNTRAINED_WARNING, write_tiny_random
     from .registry import TINY_RANDOM
 
-    if name != TINY_RANDOM:
-        raise typer.BadParameter(f"unknown preset {name!r}; expected {TINY_RANDOM!r}")
+    names = (TINY_RANDOM, *TINY_PIPELINES)
+    if name not in names:
+        raise typer.BadParameter(f"unknown preset {name!r}; expected one of: {', '.join(names)}")
     if output.exists() and any(output.iterdir()):
         raise typer.BadParameter(f"{output} exists and is not empty")
-    write_tiny_preset(output, seed)
-    out.print(f"wrote {output}/ict and {output}/hp (released layouts). {UNTRAINED_WARNING}")
+    has_diffusers = importlib.util.find_spec("diffusers") is not None
+    if name in TINY_PIPELINES:
+        if not has_diffusers:
+            err.print(f"[red]error:[/] {name} needs diffusers: pip install \"icthp[finetune]\"")
+            return 2
+        from .finetune.tiny import write_tiny_pipeline
+
+        write_tiny_pipeline(output, TINY_PIPELINES[name], seed)
+        out.print(f"wrote {output} ({name}: UNTRAINED random pipeline, its images are noise). Load it with "
+                  f"DiffusionPipeline.from_pretrained({str(output)!r}) or icthp finetune pipeline={output}",
+                  highlight=False)
+        return 0
+    if pipelines and not has_diffusers:
+        err.print("[yellow]note:[/] diffusers is not installed: the tiny pipelines (sd3/, sd/) are not written "
+                  "(pip install \"icthp[finetune]\")")
+    write_tiny_random(output, seed, pipelines=pipelines and has_diffusers)
+    written = sorted(p.name for p in output.iterdir() if p.is_dir())
+    out.print(f"wrote {', '.join(f'{output}/{d}' for d in written)} (released layouts; {output}/README.md says which "
+              f"flag takes each). {UNTRAINED_WARNING}", highlight=False)
     return 0
 
 
@@ -405,22 +436,38 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue the run in output_dir from its latest checkpoint.")] = False,
     print_config: Annotated[bool, typer.Option("--print-config", help="Print every config key (resolved value and help) and exit.")] = False,
 ) -> int:
-    """Train ICT or HP (method.md sections 3-4). Multi-GPU / multi-node: `accelerate launch -m icthp.cli train ...`.
+    """Train ICT or HP (the ICT stage, then the HP stage on a frozen ICT: docs/training.md). Multi-GPU / multi-node:
+    `accelerate launch -m icthp.cli train ...`.
 
     Example: icthp train --config configs/train_ict.yaml train_data=pick_high.parquet output_dir=runs/ict
+
+    Resume: icthp train output_dir=runs/ict --resume [max_steps=8000] (the saved config is reloaded).
     """
+    import json
+
     _setup_logging(False)
+    # This command prints no checkpoint descriptions of its own: the loop's warnings (untrained weights,
+    # settings that cannot be meant) are the only place the user hears of them.
+    for name in ("icthp.train", "icthp.train_config"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     from .train import train as run_train
     from .train_config import load_config
 
     extra = {"stage": stage} if stage else {}
     if print_config:
         # Resolved without validation, so the listing works before train_data is known.
-        _print_config("icthp train config", load_config(config, list(overrides or []), validate=False, **extra))
+        _print_config("icthp train config", load_config(config, list(overrides or []), validate=False, resume=resume,
+                                                        **extra))
         return 0
-    cfg = load_config(config, list(overrides or []), **extra)
+    cfg = load_config(config, list(overrides or []), resume=resume, **extra)
+    saved = Path(cfg.output_dir) / "config.json"
+    if resume and config is None and saved.is_file():
+        err.print(f"resuming {cfg.output_dir} with its saved config ({saved})", highlight=False)
     export = run_train(cfg, resume=resume)
-    out.print(f"exported {export}")
+    meta_file = export / cfg.stage / "icthp.json"
+    untrained = meta_file.is_file() and json.loads(meta_file.read_text(encoding="utf-8")).get("untrained") is True
+    out.print(f"exported {escape(str(export))}" + ("  [bold red](UNTRAINED: trained from untrained random weights, "
+                                                      "its scores are meaningless)[/]" if untrained else ""))
     return 0
 
 
@@ -557,23 +604,35 @@ def finetune(
     """Reward fine-tuning of a diffusion model (DRaFT-K, LoRA) with ICT / HP / ICT-HP or any registered reward.
 
     Example: icthp finetune --config configs/finetune_sd35_turbo.yaml prompts=prompts.txt output_dir=runs/sd35-icthp
+
+    Resume: icthp finetune output_dir=runs/sd35-icthp --resume [max_steps=800] (the saved config is reloaded).
     """
     _setup_logging(False)
+    # The loop's warnings (untrained weights among pipeline, reward and monitor; settings that cannot be meant)
+    # are the only place this command mentions them.
+    for name in ("icthp.finetune", "icthp.train_config"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     from .finetune.config import load_finetune_config
 
     if print_config:
-        _print_config("icthp finetune config", load_finetune_config(config, list(overrides or []), validate=False))
+        _print_config("icthp finetune config", load_finetune_config(config, list(overrides or []), validate=False,
+                                                                    resume=resume))
         return 0
     try:
         from .finetune.train import finetune as run_finetune
     except ImportError as exc:
         err.print(f"[red]error:[/] icthp finetune needs the finetune extra: pip install \"icthp[finetune]\" ({exc})")
         return 2
-    cfg = load_finetune_config(config, list(overrides or []))
+    cfg = load_finetune_config(config, list(overrides or []), resume=resume)
+    saved = Path(cfg.output_dir) / "config.json"
+    if resume and config is None and saved.is_file():
+        err.print(f"resuming {cfg.output_dir} with its saved config ({saved})", highlight=False)
     summary = run_finetune(cfg, resume=resume)
     if summary.get("lora"):
         out.print(f"LoRA: {summary['lora']}  (pipe.load_lora_weights(...)); log: {cfg.output_dir}/log.jsonl; "
                   f"plot: {summary.get('plot')}", highlight=False)
+    if summary.get("untrained"):
+        out.print(f"[bold red]{escape(summary['warning'])}[/]", highlight=False)
     return 0
 
 
@@ -607,6 +666,8 @@ def metrics(
 
         dev = _device(device)
         scorer = load("aesthetic", weights=aesthetic_weights, device=dev, dtype=_dtype("auto", dev))
+        for info in scorer.checkpoints():
+            err.print(("[bold red]" if info.untrained else "[dim]") + escape(info.describe()) + "[/]")
     rows = image_metrics(images, quality=quality, aesthetic=scorer, batch_size=batch_size)
     summary = summarise(rows)
     table = Table(title=f"icthp metrics: {len(rows)} images (JPEG quality {quality})")
@@ -703,7 +764,13 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import CheckpointError, ImageLoadError, InputError, TokenizerNotFoundError
 
     try:
-        code = app(args=argv, prog_name="icthp", standalone_mode=False)
+        args = list(sys.argv[1:] if argv is None else argv)
+        from .registry import COMMANDS, command_context
+
+        # Offline errors name the flag of the command being run, not every command's.
+        context = command_context(args[0]) if args and args[0] in COMMANDS else contextlib.nullcontext()
+        with context:
+            code = app(args=args, prog_name="icthp", standalone_mode=False)
     except typer.Exit as exc:
         return exc.exit_code
     except click_exceptions.ClickException as exc:

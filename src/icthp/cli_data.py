@@ -109,7 +109,7 @@ def label(
     check_label_output(output, source, resume=resume, overwrite=overwrite)  # before loading a 4 GB CLIP
     triplets = read_triplets(source, split, allow_pickle)
     dev = _device(device)
-    scorer = ICTScorer.from_pretrained(clip, device=dev, dtype=_dtype(dtype, dev))
+    scorer = ICTScorer.from_pretrained(clip, device=dev, dtype=_dtype(dtype, dev), what="labelling CLIP")
     err.print(("[bold red]" if scorer.info.untrained else "[dim]") + f"labelling CLIP: {scorer.info.describe()}[/]")
     try:
         with _progress("labelling") as bar:
@@ -167,7 +167,7 @@ def fit_theta_command(
         err.print("[red]error:[/] no labelled rows (E1 E2 R1 R2) in the source")
         return 2
     dev = _device(device)
-    scorer = ICTScorer.from_pretrained(clip, device=dev, dtype=_dtype(dtype, dev))
+    scorer = ICTScorer.from_pretrained(clip, device=dev, dtype=_dtype(dtype, dev), what="labelling CLIP")
     cos = triplet_cosines(scorer, rows, batch_size=batch_size)
     fit = fit_theta(rows, cos, tolerance=tolerance)
     table = Table(title=f"theta from {len(rows)} labelled rows")

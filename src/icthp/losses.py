@@ -1,4 +1,4 @@
-"""ICT and HP training losses (method.md sections 3-4) as pure functions of tensors.
+"""ICT and HP training losses (the formulas: docs/training.md) as pure functions of tensors.
 
 Shapes: ``B`` triplets of the *global* batch (features all-gathered across processes by the caller), the
 three images in order ``(I1 lose, I2 win, I3 refined)``, ``D`` the CLIP projection width.

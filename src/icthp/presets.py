@@ -1,11 +1,24 @@
-"""The ``tiny-random`` preset: a small, UNTRAINED CLIP of the same family, for offline demos and tests.
+"""The ``tiny-random`` preset: small, UNTRAINED random weights of every registered model and tiny diffusion
+pipelines, for offline demos and tests.
 
-It is generated deterministically from a seed (weights drawn with our own generator, independent of how
-transformers initialises), written in exactly the released layouts (``ict/pytorch_model.bin``,
-``hp/hp_backbone/pytorch_model.bin``, ``hp/hp_scorer/mlp_pytorch_model.bin``, plus ``config.json``
-beside the weights) and loaded through the real loader. A marker file labels it untrained, so every
-scorer, table and output built on it says the scores are meaningless. It is only used when asked for by
-name (``tiny-random``), never as a fallback.
+Each is generated deterministically from a seed (weights drawn with our own generator, independent of how
+transformers initialises), written in exactly its released layout and loaded through the real loader:
+
+==================  ==========================================================================================
+ICT / HP            ``ict/pytorch_model.bin``, ``hp/hp_backbone/pytorch_model.bin``,
+                    ``hp/hp_scorer/mlp_pytorch_model.bin``, plus ``config.json`` beside the weights
+clip, pickscore     a transformers CLIP directory: ``config.json`` + ``model.safetensors``
+hpsv2, hpsv2.1      ``HPS_v2_compressed.pt`` and ``HPS_v2.1_compressed.pt`` in one directory (as ``xswu/HPSv2``)
+imagereward         ``ImageReward.pt`` + ``med_config.json`` + a small WordPiece ``vocab.txt`` (no tokenizer
+                    argument needed)
+aesthetic           ``sac+logos+ava1-l14-linearMSE.pth`` + its CLIP under ``clip/``
+sd3, sd             diffusers pipelines (``model_index.json``), loadable by plain ``from_pretrained``
+==================  ==========================================================================================
+
+A marker file (``icthp_preset.json``) labels each untrained, so every scorer, table and output built on it
+says the scores are meaningless. They are used only when asked for by name (``tiny-random`` wherever weights
+are named, ``pipeline=tiny-random-sd3``), never as a fallback. :func:`tiny_random_dir` generates one into the
+cache on first use; ``icthp preset tiny-random --output DIR`` (:func:`write_tiny_random`) writes them all.
 """
 
 from __future__ import annotations
@@ -14,12 +27,14 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from .checkpoints import PRESET_MARKER, save_hp, save_ict
 from .modeling import architecture_dict, build_clip, build_hp, clip_config, restore_position_ids
+from .registry import TINY_RANDOM
 
 logger = logging.getLogger(__name__)
 
@@ -111,21 +126,39 @@ def write_random_checkpoints(directory: str | os.PathLike, seed: int = 0, archit
     return directory
 
 
+#: Version of the generators of the cached tiny-random weights: part of the cache path, so a cache written by
+#: another version of the generators (other shapes, files or vocabulary) is never mistaken for this one.
+PRESET_VERSION = 2
+
+
+def _preset_cache() -> Path:
+    return cache_dir() / "presets" / f"v{PRESET_VERSION}"
+
+
 def tiny_preset_dir(seed: int = 0) -> Path:
-    """Directory of the tiny-random preset in the cache, generated on first use (atomically).
+    """Directory of the tiny-random ICT/HP preset in the cache, generated on first use (atomically).
 
     Example:
         >>> (tiny_preset_dir() / "ict" / "pytorch_model.bin").is_file()
         True
     """
-    target = cache_dir() / "presets" / f"tiny-random-seed{seed}"
+    return _cached(_preset_cache() / f"tiny-random-seed{seed}", lambda d: write_tiny_preset(d, seed))
+
+
+def _cached(target: Path, write: Callable[[Path], object]) -> Path:
+    """``target``, written by ``write(directory)`` into a temporary sibling and renamed into place on first use.
+
+    The marker file, written last, says the copy is complete; concurrent processes (``accelerate launch``)
+    each write their own copy and keep whichever lands first.
+    """
     if (target / PRESET_MARKER).is_file():
         return target
-    from .files import new_temp_dir
+    from .files import honour_umask, new_temp_dir
 
     tmp = new_temp_dir(target)  # the umask's permissions (mkdtemp would make it 0700)
     try:
-        write_tiny_preset(tmp, seed)
+        write(tmp)
+        honour_umask(tmp)  # safetensors writes its files 0600
         try:
             os.rename(tmp, target)
         except OSError:  # another process won the race (or a stale partial copy): keep a complete one
@@ -134,5 +167,130 @@ def tiny_preset_dir(seed: int = 0) -> Path:
                 os.rename(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    logger.warning(UNTRAINED_WARNING)
+    logger.warning("%s: %s", target.name, UNTRAINED_WARNING)
     return target
+
+
+# --------------------------------------------------------------------------------------------- every model
+
+#: Tiny diffusion pipelines: the name ``pipeline=`` takes (``icthp finetune``) -> the kind of
+#: :func:`icthp.finetune.tiny.write_tiny_pipeline`.
+TINY_PIPELINES = {"tiny-random-sd3": "sd3", "tiny-random-sd": "sd"}
+# Baselines whose weights share one released repository share one directory (xswu/HPSv2 holds both HPS files).
+_BASELINE_DIRS = {"clip": "clip", "pickscore": "pickscore", "hpsv2": "hpsv2", "hpsv2.1": "hpsv2",
+                  "imagereward": "imagereward", "aesthetic": "aesthetic"}
+# Seed offsets, so that no two tiny baselines share weights (the write_random_* defaults).
+_SEED_OFFSETS = {"clip": 0, "pickscore": 1, "hpsv2": 2, "imagereward": 3, "aesthetic": 4}
+
+
+def _marker(name: str, seed: int) -> dict:
+    return {"preset": TINY_RANDOM, "model": name, "seed": seed, "untrained": True,
+            "warning": f"{TINY_RANDOM} {name}: UNTRAINED random weights, scores are meaningless "
+                       "(for tests and demos only)"}
+
+
+def write_tiny_baseline(directory: str | os.PathLike, name: str, seed: int = 0) -> Path:
+    """Write the tiny-random weights of baseline ``name`` in its released layout (see the module's table).
+
+    ``hpsv2`` and ``hpsv2.1`` write the same directory, with both HPS files, as ``xswu/HPSv2`` holds them.
+
+    Example:
+        >>> from icthp.baselines import load_baseline
+        >>> load_baseline("pickscore", write_tiny_baseline("/tmp/ps", "pickscore"))  # doctest: +SKIP
+    """
+    from .baselines import (
+        write_random_aesthetic,
+        write_random_clip,
+        write_random_hpsv2,
+        write_random_imagereward,
+        write_random_pickscore,
+    )
+
+    if name not in _BASELINE_DIRS:
+        raise KeyError(f"unknown baseline {name!r}; expected one of: {', '.join(_BASELINE_DIRS)}")
+    directory = Path(directory)
+    kind = _BASELINE_DIRS[name]
+    base = seed + _SEED_OFFSETS[kind]
+    if kind == "hpsv2":
+        write_random_hpsv2(directory, version="v2.0", seed=base)
+        write_random_hpsv2(directory, version="v2.1", seed=base + 3)
+    else:
+        writer = {"clip": write_random_clip, "pickscore": write_random_pickscore,
+                  "imagereward": write_random_imagereward, "aesthetic": write_random_aesthetic}[kind]
+        writer(directory, seed=base)
+    (directory / PRESET_MARKER).write_text(json.dumps(_marker(kind, seed), indent=2) + "\n", encoding="utf-8")
+    return directory
+
+
+def tiny_random_dir(name: str, seed: int = 0) -> Path:
+    """The cached tiny-random weights of ``name``, generated on first use (atomically), in its released layout.
+
+    ``name``: ``ict`` or ``hp`` (a component of the ICT/HP preset), a baseline (``clip``, ``pickscore``,
+    ``hpsv2``, ``hpsv2.1``, ``imagereward``, ``aesthetic``) or a tiny pipeline (``tiny-random-sd3``,
+    ``tiny-random-sd``; needs diffusers). This is what ``tiny-random`` means wherever weights are named.
+
+    Example:
+        >>> (tiny_random_dir("imagereward") / "vocab.txt").is_file()
+        True
+    """
+    if name in ("ict", "hp"):
+        return tiny_preset_dir(seed) / name
+    if name in TINY_PIPELINES:
+        from .finetune.tiny import write_tiny_pipeline
+
+        kind = TINY_PIPELINES[name]
+        return _cached(_preset_cache() / f"{name}-seed{seed}", lambda d: write_tiny_pipeline(d, kind, seed))
+    if name not in _BASELINE_DIRS:
+        choices = ["ict", "hp", *_BASELINE_DIRS, *TINY_PIPELINES]
+        raise KeyError(f"no {TINY_RANDOM} weights for {name!r}; expected one of: {', '.join(choices)}")
+    kind = _BASELINE_DIRS[name]
+    return _cached(_preset_cache() / f"tiny-random-{kind}-seed{seed}",
+                   lambda d: write_tiny_baseline(d, kind, seed))
+
+
+_README = """# tiny-random: UNTRAINED random weights (icthp preset)
+
+Every model here has random weights: the scores and images are MEANINGLESS. They exist to run every icthp
+command offline (tests, demos, CI) through the real loaders, in each model's released file layout.
+Seed: {seed}. Generated by `icthp preset {preset} --output {out}`.
+
+| model | directory | how to use it |
+|---|---|---|
+{rows}
+"""
+
+
+def write_tiny_random(directory: str | os.PathLike, seed: int = 0, *, pipelines: bool = True) -> Path:
+    """Write every tiny-random model into ``directory``: ``ict/`` and ``hp/`` (as :func:`write_tiny_preset`),
+    one directory per baseline release (``clip/``, ``pickscore/``, ``hpsv2/`` for both HPS versions,
+    ``imagereward/``, ``aesthetic/``), the tiny diffusers pipelines ``sd3/`` and ``sd/`` (``pipelines=True``;
+    needs diffusers), and a ``README.md`` saying they are untrained and giving the flag for each directory.
+
+    Example:
+        >>> write_tiny_random("/tmp/tiny")  # doctest: +SKIP
+        PosixPath('/tmp/tiny')
+    """
+    directory = Path(directory)
+    write_tiny_preset(directory, seed)
+    out = directory.resolve()
+    rows = [f"| ict | `ict/` | `icthp score IMAGES --ict {out}/ict`; `icthp finetune ict={out}/ict` |",
+            f"| hp | `hp/` | `icthp score IMAGES --hp {out}/hp`; `icthp finetune hp={out}/hp` |"]
+    for name, kind in _BASELINE_DIRS.items():
+        if not (directory / kind / PRESET_MARKER).is_file():
+            write_tiny_baseline(directory / kind, name, seed)
+        extra = f"; `icthp metrics IMAGES --aesthetic-weights {out}/{kind}`" if name == "aesthetic" else ""
+        rows.append(f"| {name} | `{kind}/` | `icthp bench DATA -m {name}={out}/{kind}`; "
+                    f"`icthp serve --baseline {name}={out}/{kind}`{extra} |")
+    if pipelines:
+        from .finetune.tiny import write_tiny_pipeline
+
+        for preset, kind in TINY_PIPELINES.items():
+            write_tiny_pipeline(directory / kind, kind, seed)
+            rows.append(f"| {preset} | `{kind}/` | `icthp finetune pipeline={out}/{kind}`; "
+                        f"`DiffusionPipeline.from_pretrained(\"{out}/{kind}\")` |")
+    (directory / "README.md").write_text(_README.format(seed=seed, preset=TINY_RANDOM, out=directory,
+                                                        rows="\n".join(rows)), encoding="utf-8")
+    from .files import honour_umask
+
+    honour_umask(directory)
+    return directory

@@ -1,12 +1,20 @@
-"""Named models as data: where their weights live, what their scores mean.
+"""Named models as data: where their weights live, what their scores mean, and how each command names them.
 
 ``icthp.list_models()`` and ``icthp models`` print this table. A checkpoint argument anywhere in icthp
-(``--ict``, ``--hp``, ``load(ict=...)``) takes a name from here, a hub id (``owner/name``) or a local
-directory.
+(``--ict``, ``--hp``, ``-m pickscore=...``, ``load(ict=...)``, ``load("pickscore", weights=...)``) takes a hub
+id (``owner/name``), a local directory, or ``tiny-random``: untrained random weights of that model in its
+released layout, generated offline (:func:`icthp.presets.tiny_random_dir`).
+
+:func:`weight_routes` says where each command takes a model's weights; every error raised where a download
+was needed names those routes (:func:`offline_hint`), restricted to one command inside
+:func:`command_context`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 TINY_RANDOM = "tiny-random"
@@ -152,3 +160,84 @@ def list_models() -> list[ModelSpec]:
         ['ict', 'hp', 'ict-hp']
     """
     return list(MODELS.values())
+
+
+# --------------------------------------------------------------------------------------------- offline routes
+
+#: Commands whose flags or config keys :func:`weight_routes` knows (``python``: the library's own arguments).
+COMMANDS = ("score", "bench", "serve", "metrics", "convert", "finetune", "train", "data", "python")
+_COMMAND: contextvars.ContextVar[str | None] = contextvars.ContextVar("icthp_command", default=None)
+
+
+@contextlib.contextmanager
+def command_context(command: str) -> Iterator[None]:
+    """Within this block, errors about weights that could not be downloaded name ``command``'s flag or config
+    key only (e.g. ``finetune``: ``reward_weights=aesthetic=tiny-random``), not every command's.
+
+    Example:
+        >>> with command_context("finetune"):
+        ...     weight_routes("aesthetic")
+        ['icthp finetune reward_weights=aesthetic=tiny-random']
+    """
+    if command not in COMMANDS:
+        raise ValueError(f"command: expected one of {', '.join(COMMANDS)}, got {command!r}")
+    token = _COMMAND.set(command)
+    try:
+        yield
+    finally:
+        _COMMAND.reset(token)
+
+
+def weight_routes(name: str, value: str = TINY_RANDOM, command: str | None = None) -> list[str]:
+    """How each command is given the weights of the registered model ``name`` (its exact flag or config key,
+    with ``value``): for ``command`` only, else for the command of the enclosing :func:`command_context`, else
+    for every command.
+
+    ``name`` is a registry name, or ``"ict"`` / ``"hp"`` for one component.
+
+    Example:
+        >>> weight_routes("pickscore", command="bench")
+        ['icthp bench -m pickscore=tiny-random']
+        >>> weight_routes("hp", "DIR", command="finetune")
+        ['icthp finetune hp=DIR']
+    """
+    spec = get_spec(name)
+    command = command or _COMMAND.get()
+    v = value
+    routes: list[tuple[str, str]] = []  # (command, route)
+    if spec.family == "baseline":
+        if name == "aesthetic":
+            routes.append(("metrics", f"icthp metrics --aesthetic-weights {v}"))
+        routes += [("bench", f"icthp bench -m {name}={v}"), ("serve", f"icthp serve --baseline {name}={v}"),
+                   ("finetune", f"icthp finetune reward_weights={name}={v}"),
+                   ("python", f"icthp.load({name!r}, weights={v!r})")]
+    else:
+        for part in spec.components:  # ict, hp
+            flag = f"--{part} {v}"
+            routes += [("score", f"icthp score {flag}"), ("bench", f"icthp bench {flag}"),
+                       ("serve", f"icthp serve {flag}"), ("convert", f"icthp convert {flag}"),
+                       ("finetune", f"icthp finetune {part}={v}")]
+            if part == "ict":  # the training base and the labelling CLIP are read by the ICT loader
+                routes += [("train", f"icthp train base={v}"), ("train", f"icthp train ict_checkpoint={v}"),
+                           ("data", f"icthp data label --clip {v}")]
+        args = ", ".join(f"{part}={v!r}" for part in spec.components)
+        routes.append(("python", f"icthp.load({name!r}, {args})"))
+    chosen = [r for c, r in routes if c == command]
+    return chosen or [r for _, r in routes]  # a command that does not load this model: every route
+
+
+def offline_hint(name: str) -> str:
+    """The sentence an error adds when the weights of ``name`` could not be downloaded: the exact flag or
+    config key (of the running command, see :func:`command_context`) that gives local or ``tiny-random``
+    weights instead.
+
+    Example:
+        >>> with command_context("metrics"):
+        ...     offline_hint("aesthetic").split(" (")[0]
+        'To run offline, pass `icthp metrics --aesthetic-weights tiny-random`'
+    """
+    routes = [f"`{r}`" for r in weight_routes(name)]
+    shown = routes[0] if len(routes) == 1 else \
+        "the weights where your command takes them: " + ", ".join(routes[:-1]) + " or " + routes[-1]
+    return (f"To run offline, pass {shown} (untrained random weights in the released layout, generated locally: "
+            "the scores are meaningless), or a local copy in place of tiny-random.")

@@ -11,7 +11,7 @@ Every scorer has
 - ``score_all`` / ``score_images_all -> Scores``: every component the scorer has at once (``ict``; ``hp``
   and ``hp_logit``; all four with ``ict_hp`` for :class:`ICTHPScorer`).
 
-Scores (method.md section 5):
+Scores (the table in README.md):
 
 - ``ict  = cos(normalize(text_features(P)), normalize(image_features(I)))`` (no logit scale);
 - ``hp_logit = MLP(image_features_hp(I))`` (unnormalised features), ``hp = sigmoid(hp_logit)``;
@@ -426,14 +426,16 @@ class _CheckpointScorer(Scorer):
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike | None = None, *, device: str | torch.device = "cpu",
-                        dtype: str | torch.dtype | None = None, revision: str | None = None):
+                        dtype: str | torch.dtype | None = None, revision: str | None = None, what: str | None = None):
         """Load from a registry name (``tiny-random``), hub id or local directory (released or icthp layout).
 
-        ``source`` defaults to the released weights (``8y/ICT`` / ``8y/HP``).
+        ``source`` defaults to the released weights (``8y/ICT`` / ``8y/HP``); ``what`` names them in errors
+        (default "ICT checkpoint" / "HP checkpoint").
         """
         source = source or cls.default_source
         loader = load_ict if cls.kind == "ict" else load_hp
-        model, info = loader(_expand_source(source, cls.kind), device=device, dtype=dtype, revision=revision)
+        model, info = loader(_expand_source(source, cls.kind), device=device, dtype=dtype, revision=revision,
+                             what=what)
         info.source = str(source)
         return cls(model, info)
 
@@ -638,14 +640,16 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.to(device)
 
 
-def _expand_source(source: str | os.PathLike, kind: str) -> str | os.PathLike:
-    """Map registry names to checkpoint locations (``tiny-random`` -> the generated preset directory)."""
+def _expand_source(source, kind: str):
+    """Map registry names to checkpoint locations: ``tiny-random`` -> the generated untrained weights of
+    ``kind`` (``ict``, ``hp``, a baseline name such as ``pickscore``, or ``tiny-random-sd3``) in the cache
+    (:func:`icthp.presets.tiny_random_dir`); any other source (and ``None``) is returned unchanged."""
     from .registry import TINY_RANDOM
 
-    if str(source) == TINY_RANDOM:
-        from .presets import tiny_preset_dir
+    if source is not None and str(source) == TINY_RANDOM:
+        from .presets import tiny_random_dir
 
-        return tiny_preset_dir() / kind
+        return tiny_random_dir(kind)
     return source
 
 
@@ -664,7 +668,8 @@ def load(
     Args:
         name: ``"ict"``, ``"hp"``, ``"ict-hp"``, or a baseline: ``clip``, ``pickscore``, ``hpsv2``,
             ``hpsv2.1``, ``imagereward``, ``aesthetic`` (see :func:`icthp.list_models`).
-        weights: a baseline's weights (hub id or local directory); default: its released weights.
+        weights: a baseline's weights: hub id, local directory, or ``"tiny-random"`` (untrained random weights
+            in the release's layout, generated offline); default: its released weights.
         ict, hp: where the component weights are: hub id (default ``8y/ICT`` / ``8y/HP``), local directory
             (released or icthp layout), or ``"tiny-random"`` (untrained preset, for tests and demos).
         device: e.g. ``"cuda"``, ``"cpu"``.
@@ -674,6 +679,8 @@ def load(
         >>> import icthp
         >>> scorer = icthp.load("ict-hp", device="cuda", dtype="bf16")  # doctest: +SKIP
         >>> scorer.score_images(["I1.jpg", "I2.jpg"], "a tiny dragon taking a bath in a teacup")  # doctest: +SKIP
+        >>> icthp.load("pickscore", weights="tiny-random").info.untrained  # offline, meaningless scores
+        True
     """
     from .registry import get_spec
 
@@ -695,5 +702,16 @@ def load(
         if ict is not None:
             raise ValueError(f"model {name!r} has no ICT component, but ict={ict!r} was given")
         return HPScorer.from_pretrained(hp or spec.hp_source, device=device, dtype=dtype, revision=revision)
-    return ICTHPScorer.from_pretrained(ict or spec.ict_source, hp or spec.hp_source, device=device, dtype=dtype,
-                                       revision=revision)
+    from .checkpoints import HubDownloadError
+
+    try:
+        return ICTHPScorer.from_pretrained(ict or spec.ict_source, hp or spec.hp_source, device=device, dtype=dtype,
+                                           revision=revision)
+    except HubDownloadError as exc:
+        if ict is not None and hp is not None:
+            raise
+        from .registry import weight_routes
+
+        # the error names the component that failed first; the other one would fail next
+        both = " and ".join(f"`{weight_routes(part)[0]}`" for part in ("ict", "hp"))
+        raise HubDownloadError(f"{exc} {name} reads both the ICT and the HP weights: name both ({both}).") from exc

@@ -1,9 +1,14 @@
-"""One training loop for both stages (method.md sections 3-4), on accelerate.
+"""One training loop for both stages (the ICT stage, then the HP stage on a frozen ICT; docs/training.md), on
+accelerate.
 
 ``stage=ict``: the whole CLIP trains on the ICT loss (regression to E/R labels + in-batch negatives over
 the global batch). ``stage=hp``: a frozen ICT model scores the triplets; the HP network (vision tower of
 the base CLIP + MLP head, bottom ``fix_rate`` frozen) trains on the HP and ICT-HP ranking losses. The ICT
 stage never runs an HP tower.
+
+Every export's ``icthp.json`` names the weights it started from (``base``, and the frozen
+``ict_checkpoint`` of the HP stage), the training data and the steps; an export trained from untrained
+(random) weights is itself marked ``untrained``, so ``icthp score`` flags its scores as meaningless.
 
 Launch on one CPU or GPU with ``icthp train ...``, on several GPUs / nodes with
 ``accelerate launch [--config_file configs/accelerate/...] -m icthp.cli train ...``.
@@ -15,7 +20,7 @@ Layout of ``output_dir``::
     export/step-000500/{ict|hp} model weights in the icthp format, loadable by `icthp score`
     export/step-000500/released/{ICT|HP}  the same in the released layout
     best.json                   step and export with the best validation mean accuracy
-    metrics.jsonl               one JSON line per log / validation
+    metrics.jsonl               one JSON line per log / validation (cut back to the checkpoint on resume)
 """
 
 from __future__ import annotations
@@ -24,15 +29,17 @@ import functools
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .checkpoints import load_ict, save_hp, save_ict
-from .data import read_triplets
+from .checkpoints import CheckpointInfo, load_ict, save_hp, save_ict
+from .data import UnsafePickleError, read_triplets
 from .dataset import TripletCollator, TripletDataset
 from .distributed import gather_with_grad
 from .errors import InputError
@@ -42,7 +49,7 @@ from .modeling import hp_from_clip, set_hp_trainable, text_features, vision_feat
 from .preprocess import PreprocessConfig
 from .scoring import _expand_source
 from .tokenizer import load_tokenizer
-from .train_config import TrainConfig, check_resumable, save_config
+from .train_config import TrainConfig, check_resumable, keep_log_through, save_config
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +131,72 @@ def _latest(directory: Path) -> Path | None:
     return steps[-1] if steps else None
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: a container's or a job scheduler's share), else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def config_warnings(cfg: TrainConfig, cpus: int | None = None, local_processes: int = 1) -> list[str]:
+    """Settings that are valid but almost certainly not meant, each as a sentence naming a better value.
+
+    ``local_processes``: training processes on this machine (each starts ``num_workers`` loader processes).
+
+    Example:
+        >>> [w.split(":")[0] for w in config_warnings(TrainConfig(warmup_steps=500, max_steps=100, num_workers=0))]
+        ['warmup_steps (500) >= max_steps (100)']
+    """
+    found = []
+    if cfg.warmup_steps > 0 and cfg.warmup_steps >= cfg.max_steps:
+        found.append(f"warmup_steps ({cfg.warmup_steps}) >= max_steps ({cfg.max_steps}): the whole run is warm-up "
+                     "(the learning rate never decays, and reaches its peak at most at the last step); use "
+                     f"warmup_steps={cfg.max_steps // 10}")
+    cpus = available_cpus() if cpus is None else cpus
+    if cfg.num_workers * local_processes > cpus:
+        per_process = f" per process x {local_processes} processes" if local_processes > 1 else ""
+        # one core per training process is kept for the training itself
+        found.append(f"num_workers={cfg.num_workers}{per_process} data-loading workers exceed the {cpus} CPUs of "
+                     "this machine: they compete with training for cores; use "
+                     f"num_workers={max(0, cpus // local_processes - 1)}")
+    return found
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _weights_entry(source: str, info: CheckpointInfo) -> dict[str, Any]:
+    """What an export records about a set of weights it was trained from."""
+    return {"source": str(source), "path": info.path, "untrained": info.untrained}
+
+
+def _read_triplets(source: str, split: str | None, allow_pickle: bool):
+    """:func:`icthp.data.read_triplets`, with the pickle opt-in named as ``icthp train`` takes it (a config
+    key; ``--allow-pickle`` is the flag of ``icthp data`` and ``icthp bench``)."""
+    try:
+        return read_triplets(source, split, allow_pickle)
+    except UnsafePickleError as exc:
+        raise UnsafePickleError(
+            f"{source} holds Python pickles (the released Pick-High .pkl files): loading one runs whatever code it "
+            "contains. Read them only if you trust their source: add allow_pickle=true to the icthp train command "
+            "(allow_pickle: true in a YAML config). Better, convert them once to a safe manifest: icthp data convert "
+            f"{source} --allow-pickle --output pick_high.parquet, then train on train_data=pick_high.parquet"
+        ) from exc
+
+
+def _val_line(step: int, metrics: dict[str, float], n: int, best_key: str, best: tuple[float, int]) -> str:
+    """``step 6 validation (4 triplets): ict I2>I1 50.0  I3>I2 100.0  I3>I1 75.0  mean 75.0 | best ict mean ...``"""
+    scores = dict.fromkeys(k.split("/")[1] for k in metrics if k.startswith("val/"))
+    parts = ["  ".join([name] + [f"{col} {metrics[f'val/{name}/{col}']:.1f}" for col in ("I2>I1", "I3>I2", "I3>I1", "mean")])
+             for name in scores]
+    name = best_key.split("/")[1]
+    return f"step {step} validation ({n} triplets): {'; '.join(parts)} | best {name} mean {best[0]:.1f} at step {best[1]}"
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None) -> Path:
     """Run (or resume) a training run; returns the export directory of the last step.
 
@@ -142,6 +215,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
         if not resume:
             raise InputError(f"{out} already holds a run; pass --resume to continue it or use another output_dir")
         check_resumable(json.loads(config_file.read_text()), cfg)
+    # Data first: a wrong path or a refused pickle costs no model load (and leaves no config.json behind).
+    train_rows = _read_triplets(cfg.train_data, cfg.train_split, cfg.allow_pickle)
+    if not train_rows and cfg.train_split:
+        raise InputError(f"no triplets with split {cfg.train_split!r} in {cfg.train_data}; "
+                         "pass train_split=none to train on every row")
+    val_rows = _read_triplets(cfg.val_data or cfg.train_data, cfg.val_split, cfg.allow_pickle)[: cfg.val_limit]
     accelerator = Accelerator(
         # Without CUDA, several processes (torchrun / accelerate launch --cpu) run as MULTI_CPU over gloo.
         cpu=not torch.cuda.is_available(),
@@ -151,15 +230,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_dir=str(out),
     )
-    set_seed(cfg.seed)
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, config_file)
-    if cfg.report_to != "none":
-        accelerator.init_trackers("icthp", config=cfg.to_dict())
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+        for warning in config_warnings(cfg, local_processes=local_processes):
+            logger.warning(warning)
+    set_seed(cfg.seed)
 
     # ---- models: built from config, weights loaded strictly (base CLIP or trained ICT)
-    base, _ = load_ict(_expand_source(cfg.base, "ict"), dtype="float32")
+    base, base_info = load_ict(_expand_source(cfg.base, "ict"), dtype="float32")
+    weights = {"base": _weights_entry(cfg.base, base_info)}
     if cfg.stage == "ict":
         model = base.requires_grad_(True).train()
         # The ICT loss uses cosines only: logit_scale gets no gradient (DDP would stop on an unused parameter).
@@ -170,26 +249,44 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
         del base
         set_hp_trainable(model, cfg.fix_rate, cfg.freeze_vision_embeddings)
         model.train()
-        frozen_ict, _ = load_ict(_expand_source(cfg.ict_checkpoint, "ict"), device=accelerator.device)
+        frozen_ict, ict_info = load_ict(_expand_source(cfg.ict_checkpoint, "ict"), device=accelerator.device)
+        weights["ict_checkpoint"] = _weights_entry(cfg.ict_checkpoint, ict_info)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     preprocess = PreprocessConfig(size=int(model.config.vision_config.image_size))
 
     # ---- data
     tokenizer = load_tokenizer()
-    train_rows = read_triplets(cfg.train_data, cfg.train_split, cfg.allow_pickle)
-    if not train_rows and cfg.train_split:
-        raise InputError(f"no triplets with split {cfg.train_split!r} in {cfg.train_data}; "
-                         "pass train_split=none to train on every row")
     train_set = TripletDataset(train_rows, preprocess, require_labels=cfg.stage == "ict")
     if len(train_set) < cfg.per_device_batch_size * accelerator.num_processes:
         raise InputError(f"{len(train_set)} training triplets are fewer than one global batch")
-    val_rows = read_triplets(cfg.val_data or cfg.train_data, cfg.val_split, cfg.allow_pickle)[: cfg.val_limit]
     collate = TripletCollator(tokenizer, int(model.config.text_config.max_position_embeddings), cfg.tokenization)
     loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.per_device_batch_size, shuffle=cfg.shuffle,
                                          drop_last=True, collate_fn=collate, num_workers=cfg.num_workers)
     val_loader = torch.utils.data.DataLoader(TripletDataset(val_rows, preprocess), batch_size=cfg.per_device_batch_size,
                                              collate_fn=collate, num_workers=cfg.num_workers) if val_rows else None
+
+    # ---- provenance, written into every export: what it was trained from, on what, and whether any of the
+    # weights it started from were untrained (then so is the export: its scores mean nothing either).
+    untrained = [name for name, w in weights.items() if w["untrained"]]
+    provenance: dict[str, Any] = {
+        "stage": cfg.stage, "trained_from": weights, "untrained": bool(untrained),
+        "train_data": {"path": os.path.abspath(cfg.train_data), "split": cfg.train_split, "triplets": len(train_set)},
+        "training_run": os.path.abspath(out), "tokenization": cfg.tokenization, "icthp_version": _version(),
+    }
+    if untrained:
+        named = ", ".join(f"{n} = {weights[n]['source']}" for n in untrained)
+        provenance["warning"] = (f"UNTRAINED: trained from untrained random weights ({named}); its scores are "
+                                 "meaningless (for tests and demos only)")
+        if accelerator.is_main_process:
+            logger.warning("training from UNTRAINED random weights (%s): the exports are marked untrained and their "
+                           "scores are meaningless", named)
+    if accelerator.is_main_process:
+        # Written once everything loaded: a run that failed to start leaves no config that would refuse a retry.
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, config_file)
+    if cfg.report_to != "none":
+        accelerator.init_trackers("icthp", config=cfg.to_dict())
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -202,6 +299,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
     if val_loader is not None:
         val_loader = accelerator.prepare(val_loader)
 
+    from tqdm.auto import tqdm
+
+    def console(line: str) -> None:
+        """A line for the person watching (main process), printed above the progress bar."""
+        if accelerator.is_main_process:
+            tqdm.write(line)
+
     step, skip_batches, epoch = 0, 0, 0
     checkpoints = out / "checkpoints"
     latest = _latest(checkpoints) if resume else None
@@ -209,7 +313,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
         accelerator.load_state(str(latest))
         state = json.loads((latest / "icthp_state.json").read_text())
         step, epoch, skip_batches = state["step"], state["epoch"], state["batches_in_epoch"]
-        accelerator.print(f"resumed from {latest} at step {step}")
+        console(f"resumed from step {step} (checkpoint {latest})")
+    metrics_file = out / "metrics.jsonl"
+    if resume and accelerator.is_main_process:
+        # Lines after the checkpoint were written by the run that died: they are logged again from here.
+        # Without a checkpoint the run starts over, so nothing of the old log stays.
+        logged = keep_log_through(metrics_file, step if latest is not None else None)
+    else:
+        logged = []
 
     def compute_loss(batch) -> tuple[torch.Tensor, dict[str, float]]:
         if cfg.stage == "ict":
@@ -250,15 +361,31 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
 
     def log(record: dict) -> None:
         if accelerator.is_main_process:
-            with (out / "metrics.jsonl").open("a", encoding="utf-8") as f:
+            with metrics_file.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
         if cfg.report_to != "none":
             accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
 
-    best = -math.inf
+    best_key = f"val/{'ict' if cfg.stage == 'ict' else 'ict_hp'}/mean"
+    best = -math.inf  # best validation with an export (best.json)
     best_file = out / "best.json"
     if best_file.is_file():
         best = json.loads(best_file.read_text())["score"]
+    # Best validation so far, step 0 included, for the console (a resumed run continues from its log).
+    seen_best = (-math.inf, 0)
+    for row in logged:
+        if isinstance(row.get(best_key), (int, float)) and row[best_key] > seen_best[0]:
+            seen_best = (row[best_key], row["step"])
+
+    def validate(at_step: int) -> dict[str, float]:
+        """Evaluate, log, and show the accuracies and the best step so far on the console."""
+        nonlocal seen_best
+        metrics = evaluate()
+        log({"step": at_step, **metrics})
+        if metrics.get(best_key, -math.inf) > seen_best[0]:
+            seen_best = (metrics[best_key], at_step)
+        console(_val_line(at_step, metrics, len(val_rows), best_key, seen_best))
+        return metrics
 
     def save(at_step: int, batches_in_epoch: int) -> Path:
         ckpt = checkpoints / f"step-{at_step:06d}"
@@ -269,27 +396,27 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
                 {"step": at_step, "epoch": epoch, "batches_in_epoch": batches_in_epoch}))
             save_config(cfg, ckpt / "config.json")
             unwrapped = accelerator.unwrap_model(model)
+            metadata = {"trained_steps": at_step, **provenance}
+            # The released layout has no metadata file: the marker its loaders read says it is untrained (and
+            # only then, so a real export stays byte for byte the released layout).
+            released_metadata = metadata if provenance["untrained"] else None
             # Our format, and the released layout so the rest of the ecosystem can load it too.
             if cfg.stage == "ict":
-                save_ict(unwrapped, export / "ict", extra_metadata={"trained_steps": at_step,
-                                                                    "tokenization": cfg.tokenization})
-                save_ict(unwrapped, export / "released" / "ICT", layout="released")
+                save_ict(unwrapped, export / "ict", extra_metadata=metadata)
+                save_ict(unwrapped, export / "released" / "ICT", layout="released", extra_metadata=released_metadata)
             else:
-                save_hp(unwrapped, export / "hp", extra_metadata={"trained_steps": at_step,
-                                                                  "tokenization": cfg.tokenization})
-                save_hp(unwrapped, export / "released" / "HP", layout="released")
+                save_hp(unwrapped, export / "hp", extra_metadata=metadata)
+                save_hp(unwrapped, export / "released" / "HP", layout="released", extra_metadata=released_metadata)
             for old in sorted(checkpoints.glob("step-*"))[: -cfg.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
         return export
 
     if val_loader is not None and cfg.eval_every and step == 0:
-        log({"step": 0, **evaluate()})  # the starting point, to compare every later validation with
+        validate(0)  # the starting point, to compare every later validation with
     last_export = None
     steps_this_call = 0
     t0 = time.perf_counter()
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {cfg.stage}", unit="step",
                disable=not accelerator.is_local_main_process)
     while step < cfg.max_steps:
@@ -323,16 +450,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
                      * cfg.gradient_accumulation_steps / max(elapsed, 1e-9)})
             is_last = step >= cfg.max_steps or (stop_after is not None and steps_this_call >= stop_after)
             if val_loader is not None and cfg.eval_every and (step % cfg.eval_every == 0 or is_last):
-                metrics = evaluate()
-                log({"step": step, **metrics})
+                metrics = validate(step)
             else:
                 metrics = {}
             if step % cfg.save_every == 0 or is_last:
                 last_export = save(step, batches_in_epoch)
-                key = f"val/{'ict' if cfg.stage == 'ict' else 'ict_hp'}/mean"
-                if metrics.get(key, -math.inf) > best and accelerator.is_main_process:
-                    best = metrics[key]
-                    best_file.write_text(json.dumps({"step": step, "score": best, "metric": key,
+                if metrics.get(best_key, -math.inf) > best and accelerator.is_main_process:
+                    best = metrics[best_key]
+                    best_file.write_text(json.dumps({"step": step, "score": best, "metric": best_key,
                                                      "export": str(last_export)}))
             if is_last:
                 break

@@ -1,13 +1,15 @@
 """Typed training configuration: a dataclass with help text, read from YAML plus ``key=value`` overrides.
 
 The resolved configuration is saved beside every checkpoint; resuming under a different one is refused
-(only :data:`RESUME_FREE` fields may change between runs, e.g. ``max_steps`` to train longer).
+(only :data:`RESUME_FREE` fields may change between runs, e.g. ``max_steps`` to train longer). Resuming
+without a config file reloads the saved one (:func:`saved_run_config`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -15,6 +17,8 @@ from typing import Any
 
 from .errors import InputError
 from .tokenizer import TOKENIZATIONS
+
+logger = logging.getLogger(__name__)
 
 #: learning-rate warm-up shapes (see :func:`icthp.train.lr_multiplier`); the first is the default
 WARMUPS = ("log", "linear")
@@ -26,7 +30,8 @@ def _f(default: Any, help: str):
 
 @dataclass
 class TrainConfig:
-    """Everything a training run depends on (method.md sections 3-4). Defaults are the released ICT stage."""
+    """Everything a training run depends on (the ICT and HP stages, docs/training.md). Defaults are the released
+    ICT stage."""
 
     stage: str = _f("ict", "ict: train the whole CLIP on ICT labels; hp: train the HP head + top of its vision tower")
     train_data: str = _f("", "triplet manifest or released Pick-High root")
@@ -34,7 +39,7 @@ class TrainConfig:
     val_data: str | None = _f(None, "validation triplets (default: train_data)")
     val_split: str | None = _f("val", "split of val_data to use")
     val_limit: int | None = _f(2000, "validate on at most this many triplets")
-    allow_pickle: bool = _f(False, "trust and unpickle released .pkl files (unpickling runs code)")
+    allow_pickle: bool = _f(False, "trust and unpickle released .pkl files (unpickling runs code): allow_pickle=true")
     base: str = _f("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "CLIP to start from: hub id, directory or tiny-random")
     ict_checkpoint: str | None = _f(None, "hp stage: the trained (frozen) ICT model")
     output_dir: str = _f("runs/ict", "checkpoints, exports, logs and the resolved config")
@@ -42,7 +47,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = _f(1, "micro-steps per optimiser step")
     learning_rate: float = _f(3e-6, "peak learning rate (AdamW)")
     weight_decay: float = _f(0.01, "AdamW weight decay")
-    warmup_steps: int = _f(500, "warm-up steps, then linear decay to 0 at max_steps (0: no warm-up)")
+    warmup_steps: int = _f(500, "warm-up steps, then linear decay to 0 at max_steps (0: no warm-up; below max_steps)")
     warmup: str = _f("log", "log: lr = peak*log(t+1)/log(warmup_steps) as the release (DeepSpeed WarmupDecayLR); "
                      "linear: lr = peak*(t+1)/warmup_steps")
     max_steps: int = _f(5000, "optimiser steps (released: 5k ICT, 50k HP)")
@@ -65,7 +70,7 @@ class TrainConfig:
     freeze_vision_embeddings: bool = _f(False, "hp stage: also freeze embeddings and pre-layernorm (released: no)")
     seed: int = _f(0, "seed of initialisation and data order")
     shuffle: bool = _f(True, "shuffle the training triplets every epoch (seeded)")
-    num_workers: int = _f(4, "data-loading worker processes per process")
+    num_workers: int = _f(4, "data-loading worker processes per process (at most the CPUs per process)")
     log_every: int = _f(10, "steps between log lines")
     eval_every: int = _f(500, "steps between validations (0: never)")
     save_every: int = _f(500, "steps between checkpoints")
@@ -104,9 +109,10 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-#: fields that may differ between a run and its resumption
+#: fields that may differ between a run and its resumption (``output_dir`` is where the run is found: a run
+#: may be moved, or named by another spelling of its path)
 RESUME_FREE = frozenset({"max_steps", "log_every", "eval_every", "save_every", "keep_last", "num_workers", "report_to",
-                         "val_limit"})
+                         "val_limit", "output_dir"})
 
 
 def _coerce(name: str, value: str, current: Any, annotation: str) -> Any:
@@ -130,18 +136,53 @@ def _coerce(name: str, value: str, current: Any, annotation: str) -> Any:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None, *, validate: bool = True,
-                **kwargs: Any) -> TrainConfig:
+                resume: bool = False, **kwargs: Any) -> TrainConfig:
     """Read a YAML config, apply ``key=value`` overrides and keyword arguments, validate.
 
-    Unknown keys are errors that list the valid ones.
+    Unknown keys are errors that list the valid ones. With ``resume=True`` and no ``path``, the run saved in
+    ``output_dir`` is reloaded instead (:func:`saved_run_config`): ``icthp train output_dir=runs/x --resume``.
 
     Example:
         >>> cfg = load_config(None, ["stage=hp", "max_steps=10"], train_data="t.jsonl", ict_checkpoint="runs/ict")
         >>> cfg.stage, cfg.max_steps
         ('hp', 10)
     """
-    cfg = read_config(TrainConfig, path, overrides, **kwargs)
-    return cfg.validate() if validate else cfg
+    return load_run_config(TrainConfig, path, overrides, validate=validate, resume=resume, free=RESUME_FREE,
+                           legacy=LEGACY_DEFAULTS, **kwargs)
+
+
+def load_run_config(cls, path: str | os.PathLike | None, overrides: list[str] | None, *, validate: bool, resume: bool,
+                    free: frozenset[str], legacy: dict[str, Any] | None = None, **kwargs: Any):
+    """:func:`read_config`, or with ``resume`` and no ``path`` the run saved in ``output_dir``
+    (:func:`saved_run_config`), then ``validate()``. Shared by ``icthp train`` and ``icthp finetune``."""
+    if resume and path is None:
+        saved = saved_run_config(cls, overrides, free, legacy, **kwargs)
+        if saved is not None:
+            return saved.validate() if validate else saved
+    cfg = read_config(cls, path, overrides, **kwargs)
+    if not validate:
+        return cfg
+    try:
+        return cfg.validate()
+    except InputError as exc:
+        if not resume or path is not None:
+            raise
+        raise InputError(f"{exc} ({Path(cfg.output_dir) / 'config.json'} does not exist: no saved run to resume "
+                         "there, so the run's settings must be given: --config or key=value)") from None
+
+
+def _override_values(cls, overrides: list[str] | None) -> dict[str, Any]:
+    """``key=value`` strings -> ``{key: value}`` converted to each field's type; unknown keys list the valid ones."""
+    valid = {f.name: f for f in fields(cls)}
+    values: dict[str, Any] = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise InputError(f"override {item!r}: expected key=value")
+        key, value = item.split("=", 1)
+        if key not in valid:
+            raise InputError(f"unknown config key {key!r}; valid keys: {', '.join(valid)}")
+        values[key] = _coerce(key, value, None, str(valid[key].type))
+    return values
 
 
 def read_config(cls, path: str | os.PathLike | None = None, overrides: list[str] | None = None, **kwargs: Any):
@@ -156,18 +197,53 @@ def read_config(cls, path: str | os.PathLike | None = None, overrides: list[str]
         if not isinstance(data, dict):
             raise InputError(f"{path}: expected a mapping of config keys")
         values.update(data)
-    for item in overrides or []:
-        if "=" not in item:
-            raise InputError(f"override {item!r}: expected key=value")
-        key, value = item.split("=", 1)
-        if key not in valid:
-            raise InputError(f"unknown config key {key!r}; valid keys: {', '.join(valid)}")
-        values[key] = _coerce(key, value, None, str(valid[key].type))
+    values.update(_override_values(cls, overrides))
     values.update(kwargs)
     unknown = sorted(set(values) - set(valid))
     if unknown:
         raise InputError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}")
     return cls(**values)
+
+
+def saved_run_config(cls, overrides: list[str] | None, free: frozenset[str], legacy: dict[str, Any] | None = None,
+                     **kwargs: Any):
+    """The config of the run saved in ``output_dir`` (``output_dir/config.json``), for ``--resume`` without
+    ``--config``; None when ``output_dir`` holds no saved run.
+
+    ``overrides`` / ``kwargs`` may change only the ``free`` fields (e.g. ``max_steps`` to train longer);
+    any other value that differs from the saved one is refused, naming it and what may change. Keys the saved
+    run predates take their ``legacy`` value (the behaviour of that time), else the field's default.
+
+    Example:
+        >>> cfg = saved_run_config(TrainConfig, ["output_dir=runs/ict", "max_steps=8000"], RESUME_FREE)  # doctest: +SKIP
+    """
+    valid = {f.name for f in fields(cls)}
+    values = {**_override_values(cls, overrides), **kwargs}
+    unknown = sorted(set(values) - valid)
+    if unknown:
+        raise InputError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(valid))}")
+    output_dir = values.get("output_dir", next(f.default for f in fields(cls) if f.name == "output_dir"))
+    saved_file = Path(output_dir) / "config.json"
+    if not saved_file.is_file():
+        return None
+    try:
+        saved = json.loads(saved_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{saved_file}: not a readable saved config ({exc}); pass --config with the run's "
+                         "settings") from None
+    if not isinstance(saved, dict):
+        raise InputError(f"{saved_file}: expected a mapping of config keys; pass --config with the run's settings")
+    saved = {**{k: v for k, v in (legacy or {}).items() if k not in saved}, **saved}
+    dropped = sorted(set(saved) - valid)
+    if dropped:  # keys of an older icthp that no longer exist: they no longer change what a run does
+        logger.warning("%s: ignoring keys this version does not know: %s", saved_file, ", ".join(dropped))
+    saved = {k: v for k, v in saved.items() if k in valid}
+    changed = {k: v for k, v in values.items() if k not in free and saved.get(k) != v}
+    if changed:
+        shown = "; ".join(f"{k}={v!r} (saved {saved.get(k)!r})" for k, v in changed.items())
+        raise InputError(f"cannot resume {output_dir} with {shown}: on resume only {', '.join(sorted(free))} may "
+                         "change; use another output_dir to start a new run")
+    return cls(**{**saved, **values})
 
 
 #: what a run saved before a field existed did: a saved config without the key ran this way
@@ -187,6 +263,33 @@ def check_resumable(saved: dict[str, Any], current, free: frozenset[str] = RESUM
         shown = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, a, b in ((k, *v) for k, v in diff.items()))
         raise InputError(f"cannot resume: the config differs from the saved one ({shown}); use another output_dir "
                          "to start a new run")
+
+
+def keep_log_through(path: str | os.PathLike, step: int | None) -> list[dict[str, Any]]:
+    """Cut a run's JSON-lines log (``metrics.jsonl``, ``log.jsonl``) back to the checkpoint a resume starts
+    from, atomically; returns the rows kept.
+
+    Rows after ``step`` were written by the run that died after its last checkpoint: the resumed run logs
+    those steps again, so they would appear twice. ``step=None`` (no checkpoint: the run starts over) keeps
+    none. A torn line (a kill in the middle of a write) is dropped too.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines, rows = [], []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if step is not None and isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            lines.append(line)
+            rows.append(row)
+    from .files import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return rows
 
 
 def save_config(cfg, path: str | os.PathLike) -> None:

@@ -41,6 +41,7 @@ from ..modeling import (
     restore_position_ids,
 )
 from ..preprocess import PreprocessConfig
+from ..registry import offline_hint
 from ..scoring import (
     Scorer,
 )
@@ -171,19 +172,30 @@ def resolve_file(
     names: Sequence[str],
     what: str,
     revision: str | None = None,
+    name: str | None = None,
 ) -> Path:
     """The weight file for ``source``: the file itself, the first of ``names`` in a directory, or that file
-    fetched from a hub repository (only that file).
+    fetched from a hub repository (only that file). ``name``: the registry name, whose offline routes a failed
+    download names.
     """
     path = Path(source).expanduser()
     if path.is_file():
         return path
     directory = fetch_directory(source, what, [[n] for n in names], revision,
-                                complete=lambda d: first_existing(d, names) is not None)
+                                complete=lambda d: first_existing(d, names) is not None,
+                                alternative=offline_hint(name) if name else "")
     found = first_existing(directory, names)
     if found is None:
         raise CheckpointError(f"no {what} weights in {directory}: expected {' or '.join(names)}")
     return found
+
+
+def tiny_random(source: str | os.PathLike | None, name: str) -> str | os.PathLike | None:
+    """``tiny-random`` -> the cached untrained weights of baseline ``name`` (generated offline on first use,
+    :func:`icthp.presets.tiny_random_dir`); any other source unchanged."""
+    from ..scoring import _expand_source
+
+    return _expand_source(source, name)
 
 
 def read_json(path: Path) -> dict[str, Any]:

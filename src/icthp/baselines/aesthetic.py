@@ -32,6 +32,8 @@ from ..checkpoints import (
 )
 from ..modeling import HPHead, architecture_dict, clip_config
 from ..preprocess import PreprocessConfig
+from ..presets import tiny_random_dir
+from ..registry import TINY_RANDOM, offline_hint
 from ._common import (
     CLIP_HUB_PATTERNS,
     CLIP_WEIGHTS,
@@ -44,6 +46,7 @@ from ._common import (
     random_state,
     resolve_file,
     save_clip_directory,
+    tiny_random,
     write_marker,
 )
 
@@ -84,19 +87,27 @@ class AestheticScorer(BaselineScorer):
 
         Args:
             source: the MLP: a ``.pth`` file, a directory holding ``sac+logos+ava1-l14-linearMSE.pth`` (or
-                ``aesthetic-model.pth``), or a hub id (default ``trl-lib/ddpo-aesthetic-predictor``).
-            clip: the CLIP ViT-L/14 (transformers directory or hub id); default: ``clip/`` inside a local
-                ``source`` directory when it exists, else ``openai/clip-vit-large-patch14``. Only its image
+                ``aesthetic-model.pth``), a hub id (default ``trl-lib/ddpo-aesthetic-predictor``), or
+                ``"tiny-random"`` (untrained MLP and CLIP, offline).
+            clip: the CLIP ViT-L/14 (transformers directory, hub id or ``"tiny-random"``); default: ``clip/``
+                beside the MLP file when it exists, else ``openai/clip-vit-large-patch14``. Only its image
                 tower is kept.
             device, dtype: where the CLIP tower runs and in which dtype (the MLP stays float32).
         """
         source = source or cls.default_source
-        mlp_file = resolve_file(source, AESTHETIC_FILES, "aesthetic predictor MLP", revision)
+        mlp_file = resolve_file(tiny_random(source, "aesthetic"), AESTHETIC_FILES, "aesthetic predictor MLP",
+                                revision, "aesthetic")
+        local = mlp_file.parent / "clip"
         if clip is None:
-            local = mlp_file.parent / "clip"
             clip = local if (local / "config.json").is_file() else cls.default_clip
+        elif str(clip) == TINY_RANDOM:
+            clip = tiny_random_dir("aesthetic") / "clip"
+        # The CLIP is a second download, also for a local MLP: say where a local copy is found by itself.
+        where = (f"Put a transformers CLIP ViT-L/14 directory (config.json + model.safetensors) at {local}, "
+                 "where it is found by itself, or pass clip=DIR in Python. ")
         clip_dir = fetch_directory(clip, "CLIP", CLIP_HUB_PATTERNS, None,
-                                   complete=lambda d: first_existing(d, CLIP_WEIGHTS) is not None)
+                                   complete=lambda d: first_existing(d, CLIP_WEIGHTS) is not None,
+                                   alternative=where + offline_hint("aesthetic"))
         vision, cfg, clip_weights, file_dtype = load_clip(clip_dir, "CLIP", device=device, dtype=dtype,
                                                           vision_only=True)
         head_state = read_state_dict(mlp_file)

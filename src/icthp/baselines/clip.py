@@ -26,6 +26,7 @@ from ..checkpoints import CheckpointInfo, fetch_directory, first_existing
 from ..errors import CheckpointError
 from ..modeling import architecture_dict, clip_config, vision_features
 from ..preprocess import PreprocessConfig
+from ..registry import offline_hint
 from ..tokenizer import Tokenization, check_tokenization, load_tokenizer
 from ._common import (
     CLIP_HUB_PATTERNS,
@@ -39,6 +40,7 @@ from ._common import (
     random_clip,
     read_json,
     save_clip_directory,
+    tiny_random,
     write_marker,
 )
 
@@ -120,9 +122,10 @@ class CLIPCosineScorer(BaselineScorer):
         return [self.model.vision_model]
 
 
-def _load_clip_dir(source, what: str, device, dtype, revision) -> tuple[nn.Module, CheckpointInfo, Path]:
-    directory = fetch_directory(source, what, CLIP_HUB_PATTERNS, revision,
-                                complete=lambda d: first_existing(d, CLIP_WEIGHTS) is not None)
+def _load_clip_dir(source, what: str, name: str, device, dtype, revision) -> tuple[nn.Module, CheckpointInfo, Path]:
+    directory = fetch_directory(tiny_random(source, name), what, CLIP_HUB_PATTERNS, revision,
+                                complete=lambda d: first_existing(d, CLIP_WEIGHTS) is not None,
+                                alternative=offline_hint(name))
     model, cfg, weights, file_dtype = load_clip(directory, what, device=device, dtype=dtype)
     info = CheckpointInfo(what.lower(), str(source), str(directory), "released", cfg, file_dtype,
                           is_untrained(directory), [str(weights)])
@@ -190,11 +193,12 @@ class CLIPScorer(CLIPCosineScorer):
     def from_pretrained(cls, source: str | os.PathLike | None = None, *, scale: str = "cosine",
                         device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
                         revision: str | None = None) -> CLIPScorer:
-        """Load any transformers CLIP: a hub id (default laion CLIP-ViT-H-14) or a local directory with
-        ``config.json`` and ``model.safetensors`` (or ``pytorch_model.bin``); its
-        ``preprocessor_config.json``, when present, sets the image size and mean/std.
+        """Load any transformers CLIP: a hub id (default laion CLIP-ViT-H-14), a local directory with
+        ``config.json`` and ``model.safetensors`` (or ``pytorch_model.bin``), or ``"tiny-random"`` (untrained,
+        offline); its ``preprocessor_config.json``, when present, sets the image size and mean/std.
         """
-        model, info, directory = _load_clip_dir(source or cls.default_source, "CLIP", device, dtype, revision)
+        model, info, directory = _load_clip_dir(source or cls.default_source, "CLIP", "clip", device, dtype,
+                                                revision)
         size = int(info.architecture["vision_config"]["image_size"])
         return cls(model, info, scale=scale, preprocess=processor_config(directory, size))
 
@@ -232,8 +236,10 @@ class PickScoreScorer(CLIPCosineScorer):
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike | None = None, *, device: str | torch.device = "cpu",
                         dtype: str | torch.dtype | None = None, revision: str | None = None) -> PickScoreScorer:
-        """Load PickScore from the hub (``yuvalkirstain/PickScore_v1``) or a local copy of that directory."""
-        model, info, _ = _load_clip_dir(source or cls.default_source, "PickScore", device, dtype, revision)
+        """Load PickScore from the hub (``yuvalkirstain/PickScore_v1``), a local copy of that directory, or
+        ``"tiny-random"`` (untrained, offline)."""
+        model, info, _ = _load_clip_dir(source or cls.default_source, "PickScore", "pickscore", device, dtype,
+                                        revision)
         return cls(model, info)
 
     def _from_cosine(self, cos):

@@ -33,7 +33,15 @@ from ..checkpoints import (
 )
 from ..modeling import architecture_dict, build_clip, clip_config, config_to_dict
 from ..preprocess import PreprocessConfig
-from ._common import expected_shapes, is_untrained, random_clip, read_json, resolve_file, write_marker
+from ._common import (
+    expected_shapes,
+    is_untrained,
+    random_clip,
+    read_json,
+    resolve_file,
+    tiny_random,
+    write_marker,
+)
 from .clip import CLIPCosineScorer
 
 HPSV2_REPO = "xswu/HPSv2"
@@ -182,7 +190,8 @@ def _locate(source: str | os.PathLike, version: str | None, revision: str | None
             raise ValueError(f"version={version!r} but {path.name} is the HPS {named} file")
         return path, hps_version(version) if version is not None else (named or "v2.0")
     version = hps_version(version or "v2.0")
-    return resolve_file(source, [HPS_FILES[version]], f"HPS {version}", revision), version
+    name = "hpsv2" if version == "v2.0" else "hpsv2.1"
+    return resolve_file(source, [HPS_FILES[version]], f"HPS {version}", revision, name), version
 
 
 class HPSv2Scorer(CLIPCosineScorer):
@@ -213,14 +222,16 @@ class HPSv2Scorer(CLIPCosineScorer):
                         device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
                         revision: str | None = None) -> HPSv2Scorer:
         """Load HPS from the hub (``xswu/HPSv2``, only the version's file is fetched), a local directory
-        holding ``HPS_v2_compressed.pt`` / ``HPS_v2.1_compressed.pt``, or the ``.pt`` file itself.
+        holding ``HPS_v2_compressed.pt`` / ``HPS_v2.1_compressed.pt``, the ``.pt`` file itself, or
+        ``"tiny-random"`` (untrained, offline: both files, as ``xswu/HPSv2``).
 
         ``version`` defaults to ``"v2.0"``, or to the version a given file's name says. A ``config.json``
         (transformers ``CLIPConfig``) beside the file gives the architecture; without one it is ViT-H-14.
         The file is read with ``torch.load(weights_only=True)``: no code in it runs.
         """
         source = source or cls.default_source
-        weights, version = _locate(source, version, revision)
+        named = "hpsv2.1" if version is not None and hps_version(version) == "v2.1" else "hpsv2"
+        weights, version = _locate(tiny_random(source, named), version, revision)
         cfg_file = weights.parent / "config.json"
         had_config = cfg_file.is_file()
         cfg = clip_config(read_json(cfg_file), str(cfg_file)) if had_config else \

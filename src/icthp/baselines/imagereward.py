@@ -455,12 +455,7 @@ def load_bert_tokenizer(source: str | os.PathLike | None = None, checkpoint_dir:
         try:
             directory = fetch_directory(name, "BERT tokenizer", [_TOKENIZER_FILES], revision)
         except CheckpointError as exc:
-            raise CheckpointError(
-                f"{exc} ImageReward tokenises prompts with BERT's bert-base-uncased WordPiece vocabulary, which "
-                "is not part of THUDM/ImageReward: pass tokenizer=DIR (a directory holding vocab.txt, e.g. from "
-                f"`hf download {BERT_TOKENIZER} vocab.txt tokenizer_config.json --local-dir DIR`) or put "
-                "vocab.txt beside ImageReward.pt."
-            ) from None
+            raise type(exc)(f"{exc} {_tokenizer_hint(checkpoint_dir)}") from None  # a HubDownloadError stays one
         if not (directory / "vocab.txt").is_file():
             raise CheckpointError(f"no vocab.txt in {directory}: ImageReward needs bert-base-uncased's vocabulary")
     tokenizer = BertTokenizer.from_pretrained(str(directory), do_lower_case=True)
@@ -470,14 +465,32 @@ def load_bert_tokenizer(source: str | os.PathLike | None = None, checkpoint_dir:
     return tokenizer
 
 
+def _tokenizer_hint(checkpoint_dir: Path | None) -> str:
+    """What to do when BERT's vocabulary is neither given nor beside the weights: the command-line route is a
+    directory holding the weights and ``vocab.txt`` (``-m imagereward=DIR``), the Python one ``tokenizer=DIR``."""
+    from ..registry import weight_routes
+
+    routes = ", ".join(f"`{r}`" for r in weight_routes("imagereward", "DIR") if r.startswith("icthp "))
+    here = f" (here {checkpoint_dir})" if checkpoint_dir is not None else ""
+    return (f"ImageReward tokenises prompts with BERT's bert-base-uncased WordPiece vocabulary, which is not part "
+            f"of {IMAGEREWARD_REPO}. Put vocab.txt beside ImageReward.pt{here} or in a tokenizer/ folder there "
+            f"(e.g. `hf download {IMAGEREWARD_REPO} --local-dir DIR && hf download {BERT_TOKENIZER} vocab.txt "
+            f"--local-dir DIR/tokenizer`) and pass that directory: {routes}; in Python pass tokenizer=DIR (a "
+            "directory holding vocab.txt) instead. Offline with no copy: use tiny-random in place of DIR "
+            "(untrained weights with their own small vocabulary: the scores are meaningless).")
+
+
 # --------------------------------------------------------------------------------------------- scorer
 
 
 def _locate(source: str | os.PathLike, revision: str | None) -> Path:
+    from ..registry import offline_hint
+
     path = Path(source).expanduser()
     if path.is_file():
         return path
-    directory = fetch_directory(source, "ImageReward", [[WEIGHTS_FILE, MED_CONFIG_FILE]], revision)
+    directory = fetch_directory(source, "ImageReward", [[WEIGHTS_FILE, MED_CONFIG_FILE]], revision,
+                                alternative=offline_hint("imagereward"))
     if not (directory / WEIGHTS_FILE).is_file():
         raise CheckpointError(f"no ImageReward weights in {directory}: expected {WEIGHTS_FILE} + {MED_CONFIG_FILE}")
     return directory / WEIGHTS_FILE
@@ -497,7 +510,9 @@ def load_imagereward(
     Example:
         >>> model, info = load_imagereward("THUDM/ImageReward", device="cuda")  # doctest: +SKIP
     """
-    weights = _locate(source, revision)
+    from ._common import tiny_random
+
+    weights = _locate(tiny_random(source, "imagereward"), revision)
     med_file = weights.parent / MED_CONFIG_FILE
     if med_file.is_file():
         cfg = ImageRewardConfig.from_med_config(read_json(med_file), str(med_file))
@@ -555,10 +570,12 @@ class ImageRewardScorer(BaselineScorer):
                         device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
                         revision: str | None = None) -> ImageRewardScorer:
         """Load ImageReward from the hub (``THUDM/ImageReward``: ``ImageReward.pt`` + ``med_config.json``),
-        a local directory holding them, or the ``.pt`` file (``med_config.json`` beside it).
+        a local directory holding them, the ``.pt`` file (``med_config.json`` beside it), or ``"tiny-random"``
+        (untrained, offline, with its own small vocabulary).
 
         ``tokenizer``: a directory with BERT's ``vocab.txt``, a hub id, or a ready tokenizer; by default
-        ``vocab.txt`` beside the weights, else ``google-bert/bert-base-uncased`` from the hub.
+        ``vocab.txt`` beside the weights (or in a ``tokenizer/`` folder there: the command-line route,
+        ``-m imagereward=DIR``), else ``google-bert/bert-base-uncased`` from the hub.
         """
         source = source or cls.default_source
         model, info = load_imagereward(source, device=device, dtype=dtype, revision=revision)
@@ -580,16 +597,54 @@ class ImageRewardScorer(BaselineScorer):
         return [self.model.blip.visual_encoder]
 
 
+# Whole words of typical prompts, so that they tokenise as one piece (any other word still tokenises, letter by
+# letter, through the "##" continuation pieces).
+_TINY_WORDS = ("a an the of in on with and at by to from is for photo picture painting portrait cat dog bird car "
+               "red blue green white black tiny big small wooden old night sky sun tree house city water dragon "
+               "bath teacup ferrari flower field snow village chair bowl fruit lighthouse sofa")
+
+
+def tiny_wordpiece_vocab(size: int) -> list[str]:
+    """A BERT-style WordPiece vocabulary of exactly ``size`` entries for tiny random ImageReward models.
+
+    BERT's five special tokens first (``[PAD]`` id 0 as BLIP pads with it), then punctuation, digits, the
+    letters and their ``##`` continuations (so every lower-case ASCII word tokenises without ``[UNK]``), then
+    whole words of typical prompts. BLIP's loader adds ``[DEC]`` and ``[ENC]`` after these, so a text encoder
+    with ``vocab_size`` tokens takes ``tiny_wordpiece_vocab(vocab_size - 2)``.
+
+    Example:
+        >>> vocab = tiny_wordpiece_vocab(126)
+        >>> vocab[:5], len(vocab), "##t" in vocab
+        (['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]'], 126, True)
+    """
+    import string
+
+    letters = string.ascii_lowercase
+    pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.punctuation, *string.digits, *letters,
+              *(f"##{c}" for c in letters + string.digits)]
+    pieces += [w for w in _TINY_WORDS.split() if w not in pieces]
+    if size < len(pieces) - len(_TINY_WORDS.split()):
+        raise ValueError(f"a WordPiece vocabulary that covers every ASCII word needs >= "
+                         f"{len(pieces) - len(_TINY_WORDS.split())} entries, got size={size}")
+    pieces = pieces[:size]
+    pieces += [f"[unused{i}]" for i in range(size - len(pieces))]  # BERT's own filler
+    return pieces
+
+
 def write_random_imagereward(directory: str | os.PathLike, *, config: ImageRewardConfig | None = None,
-                             seed: int = 3) -> Path:
+                             seed: int = 3, vocab: bool = True) -> Path:
     """Write UNTRAINED random weights as THUDM/ImageReward stores them: a flat state dict in
     ``ImageReward.pt`` (with BLIP's unused projections and BERT's ``position_ids`` buffer, as saved by the
     release's training code) and ``med_config.json`` (with a ``vision_config`` entry for the non-released
     size), plus an untrained marker. The default ``config`` is tiny (2 layers of width 32 per encoder,
     a 128-token vocabulary); for tests.
 
+    ``vocab``: also write a WordPiece ``vocab.txt`` that fits the text encoder (:func:`tiny_wordpiece_vocab`)
+    beside the weights, where the loader finds it, so that the directory loads offline with no tokenizer
+    argument (the released repository has none: ``vocab=False`` mirrors it).
+
     Example:
-        >>> write_random_imagereward("/tmp/imagereward")  # doctest: +SKIP
+        >>> ImageRewardScorer.from_pretrained(write_random_imagereward("/tmp/imagereward"))  # doctest: +SKIP
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -607,5 +662,8 @@ def write_random_imagereward(directory: str | os.PathLike, *, config: ImageRewar
     state["blip.text_encoder.embeddings.position_ids"] = torch.arange(cfg.text.max_position_embeddings)[None]
     torch.save(state, directory / WEIGHTS_FILE)
     (directory / MED_CONFIG_FILE).write_text(json.dumps(cfg.med_config(), indent=2) + "\n", encoding="utf-8")
+    if vocab:
+        words = tiny_wordpiece_vocab(cfg.text.vocab_size - 2)  # [DEC] and [ENC] are added by the loader
+        (directory / "vocab.txt").write_text("\n".join(words) + "\n", encoding="utf-8")
     write_marker(directory, "random-imagereward", seed)
     return directory

@@ -18,14 +18,16 @@ class FinetuneConfig:
     """Everything a DRaFT-K run depends on. Defaults: SD3.5-Large-Turbo (4 steps, no guidance), ICT-HP reward."""
 
     pipeline: str = _f("stabilityai/stable-diffusion-3.5-large-turbo",
-                       "diffusers pipeline: hub id or directory (SD3-style transformer or UNet Stable Diffusion)")
+                       "diffusers pipeline: hub id or directory (SD3-style transformer or UNet Stable Diffusion), or "
+                       "tiny-random-sd3 / tiny-random-sd (UNTRAINED tiny pipelines generated offline)")
     prompts: str = _f("", "training prompts: .txt (one per line), or .jsonl / .csv / .parquet with a prompt column")
     heldout_prompts: str | None = _f(None, "held-out prompts file (default: the last heldout_count training prompts)")
     heldout_count: int = _f(8, "held-out prompts split off the training prompts when no file is given")
     reward: str = _f("ict-hp", "reward: a model (ict-hp, ict, hp, pickscore, ...) or a weighted sum 'ict-hp:1,aesthetic:0.05'")
-    ict: str | None = _f(None, "ICT weights for the reward (hub id, directory or tiny-random; default 8y/ICT)")
-    hp: str | None = _f(None, "HP weights for the reward (default 8y/HP)")
-    reward_weights: str | None = _f(None, "weights of baseline rewards / monitor: 'pickscore=DIR,aesthetic=DIR'")
+    ict: str | None = _f(None, "ICT weights for the reward and monitor (hub id, directory or tiny-random; default 8y/ICT)")
+    hp: str | None = _f(None, "HP weights for the reward and monitor (hub id, directory or tiny-random; default 8y/HP)")
+    reward_weights: str | None = _f(None, "weights of the baselines in reward and monitor (hub id, directory or "
+                                          "tiny-random each): 'pickscore=DIR,aesthetic=tiny-random'")
     monitor: str | None = _f("aesthetic", "independent scorer on held-out prompts (reward hacking guard); none to skip")
     reward_clip_min: float | None = _f(None, "clip each sample's reward from below before the loss")
     reward_clip_max: float | None = _f(None, "clip each sample's reward from above (stops chasing outliers)")
@@ -61,6 +63,8 @@ class FinetuneConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> FinetuneConfig:
+        """Check every field (a tiny pipeline name, ``pipeline=tiny-random-sd3`` / ``tiny-random-sd``, stays a
+        name here: :func:`icthp.finetune.tiny.resolve_pipeline` finds it when the pipeline loads)."""
         if not self.prompts:
             raise InputError("prompts: a prompts file is required (.txt, .jsonl, .csv or .parquet)")
         if not 0 <= self.k <= self.num_inference_steps:
@@ -84,21 +88,25 @@ class FinetuneConfig:
         return self
 
 
-#: Fields that may change when resuming (everything else must match the saved run).
+#: Fields that may change when resuming (everything else must match the saved run); ``output_dir`` is where
+#: the run is found (it may have been moved, or be named by another spelling of its path).
 RESUME_FREE = frozenset({"max_steps", "eval_every", "save_every", "keep_last", "log_every", "report_to",
-                         "early_stop_patience", "early_stop_min_delta"})
+                         "early_stop_patience", "early_stop_min_delta", "output_dir"})
 
 
 def load_finetune_config(path=None, overrides: list[str] | None = None, *, validate: bool = True,
-                         **kwargs: Any) -> FinetuneConfig:
+                         resume: bool = False, **kwargs: Any) -> FinetuneConfig:
     """YAML file + ``key=value`` overrides + keyword arguments -> :class:`FinetuneConfig`.
+
+    With ``resume=True`` and no ``path``, the run saved in ``output_dir`` is reloaded, and the overrides may
+    change only :data:`RESUME_FREE` fields: ``icthp finetune output_dir=runs/x --resume max_steps=800``.
 
     Example:
         >>> cfg = load_finetune_config(None, ["k=1", "max_steps=10"], prompts="prompts.txt")
         >>> cfg.k, cfg.max_steps, cfg.reward
         (1, 10, 'ict-hp')
     """
-    from ..train_config import read_config
+    from ..train_config import load_run_config
 
-    cfg = read_config(FinetuneConfig, path, overrides, **kwargs)
-    return cfg.validate() if validate else cfg
+    return load_run_config(FinetuneConfig, path, overrides, validate=validate, resume=resume, free=RESUME_FREE,
+                           **kwargs)

@@ -102,8 +102,8 @@ class Reward:
 def straight_through_clamp(x: torch.Tensor) -> torch.Tensor:
     """Values clamped to [0, 1], gradient passed through unchanged.
 
-    A plain ``clamp(0, 1)`` zeroes the gradient of every saturated pixel (method.md section 9), which would
-    hide from the reward exactly the pixels a sampler pushes out of range.
+    A plain ``clamp(0, 1)`` zeroes the gradient of every saturated pixel (its derivative is 0 outside [0, 1]),
+    which would hide from the reward exactly the pixels a sampler pushes out of range.
     """
     return x + (x.clamp(0, 1) - x).detach()
 
@@ -124,17 +124,37 @@ def _as_pixels(images) -> torch.Tensor:
 def load_reward(spec: str, *, ict: str | None = None, hp: str | None = None, weights: dict[str, str] | None = None,
                 device: str | torch.device = "cpu", dtype=None) -> Reward:
     """Build a :class:`Reward` from a spec (``"ict-hp"``, ``"hp:1,aesthetic:0.1"``); ``ict``/``hp`` locate the
-    ICT and HP weights, ``weights`` maps a baseline name to its weights."""
-    from ..registry import get_spec
+    ICT and HP weights, ``weights`` maps a baseline name to its weights (``tiny-random`` for untrained offline
+    weights, as ``ict`` / ``hp`` take it).
+
+    Errors about weights that could not be downloaded name the ``icthp finetune`` config keys that avoid it
+    (``ict=``, ``hp=``, ``reward_weights=``), as this is what configures them there.
+
+    Example:
+        >>> reward = load_reward("hp:1,aesthetic:0.1", hp="tiny-random", weights={"aesthetic": "tiny-random"})  # doctest: +SKIP
+    """
+    from ..checkpoints import HubDownloadError
+    from ..registry import command_context, get_spec
     from ..scoring import load
 
     scorers, ws = {}, {}
     for name, w in parse_reward_spec(spec):
         fam = get_spec(name).family
-        if fam == "baseline":
-            scorers[name] = load(name, weights=(weights or {}).get(name), device=device, dtype=dtype)
-        else:
-            scorers[name] = load(name, ict=ict if "ict" in get_spec(name).components else None,
-                                 hp=hp if "hp" in get_spec(name).components else None, device=device, dtype=dtype)
+        with command_context("finetune"):
+            try:
+                if fam == "baseline":
+                    scorers[name] = load(name, weights=(weights or {}).get(name), device=device, dtype=dtype)
+                else:
+                    scorers[name] = load(name, ict=ict if "ict" in get_spec(name).components else None,
+                                         hp=hp if "hp" in get_spec(name).components else None, device=device,
+                                         dtype=dtype)
+            except HubDownloadError as exc:
+                if fam != "baseline":
+                    raise
+                # reward_weights serves reward and monitor alike; a monitor that cannot load can also be dropped
+                raise HubDownloadError(f"{name} (reward or monitor of icthp finetune): {exc} reward_weights gives "
+                                       "the weights of every baseline named in reward and monitor (e.g. "
+                                       f"reward_weights={name}=DIR,pickscore=tiny-random); monitor=none runs no "
+                                       "monitor.") from exc
         ws[name] = w
     return Reward(scorers, ws)

@@ -10,9 +10,13 @@ Guards against reward hacking: held-out prompts are sampled with fixed seeds eve
 scored with the training reward **and** an independent ``monitor`` scorer, with their JPEG size; early
 stopping when the monitor stops improving; everything goes to ``log.jsonl`` and a plot.
 
-Outputs in ``output_dir``: ``lora/`` (``pipe.load_lora_weights(dir)`` loads it in plain diffusers),
-``samples/step-*.png`` grids (base | tuned, same seeds), ``log.jsonl``, ``summary.json``, ``rewards.png``,
-``checkpoints/step-*`` (resumable state) and ``config.json``.
+Outputs in ``output_dir``: ``lora/`` (``pipe.load_lora_weights(dir)`` loads it in plain diffusers; its
+``icthp.json`` names the weights it was tuned with), ``samples/step-*.png`` grids (base | tuned, same seeds),
+``log.jsonl``, ``summary.json``, ``rewards.png``, ``checkpoints/step-*`` (resumable state) and ``config.json``.
+
+Provenance: ``summary.json`` and ``lora/icthp.json`` name the pipeline, every reward term's and the
+monitor's weights, each with an ``untrained`` flag (``null``: nothing says, e.g. a pipeline built in code);
+with any untrained weights the run is marked ``untrained`` and says so on the console.
 """
 
 from __future__ import annotations
@@ -31,11 +35,17 @@ import torch
 
 from ..errors import InputError
 from ..files import honour_umask
+from ..registry import TINY_RANDOM
 from .config import RESUME_FREE, FinetuneConfig
 from .draft import DraftSampler, denoiser_of, pipeline_kind
 from .rewards import Reward, load_reward
 
 logger = logging.getLogger(__name__)
+
+#: file :func:`icthp.finetune.tiny.write_tiny_pipeline` puts in a saved random pipeline's directory
+UNTRAINED_PIPELINE_MARKER = "ICTHP_UNTRAINED.txt"
+#: name of the provenance file written beside every LoRA
+LORA_METADATA = "icthp.json"
 
 SD3_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -122,8 +132,9 @@ def lora_state_dict(pipe) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(denoiser_of(pipe)).items()}
 
 
-def save_lora(pipe, directory: Path) -> Path:
-    """Write the LoRA in diffusers' format (``pipe.load_lora_weights(directory)`` reads it), atomically."""
+def save_lora(pipe, directory: Path, metadata: dict | None = None) -> Path:
+    """Write the LoRA in diffusers' format (``pipe.load_lora_weights(directory)`` reads it), atomically;
+    ``metadata`` (provenance: the weights it was tuned with) goes beside it in ``icthp.json``."""
     tmp = directory.with_name(f".{directory.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     state = lora_state_dict(pipe)
@@ -131,6 +142,8 @@ def save_lora(pipe, directory: Path) -> Path:
         type(pipe).save_lora_weights(tmp, transformer_lora_layers=state)
     else:
         type(pipe).save_lora_weights(tmp, unet_lora_layers=state)
+    if metadata is not None:
+        (tmp / LORA_METADATA).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
     honour_umask(tmp)  # safetensors writes its files 0600
     shutil.rmtree(directory, ignore_errors=True)
     tmp.rename(directory)
@@ -238,10 +251,15 @@ def plot_log(log_path: Path, out: Path) -> Path | None:
 
 
 def load_pipeline(source: str, dtype: torch.dtype):
-    """``DiffusionPipeline.from_pretrained`` with components saved as absent (e.g. SD3 without T5) passed as
-    None, which diffusers requires explicitly."""
+    """``DiffusionPipeline.from_pretrained`` of a directory, hub id or tiny pipeline name
+    (``tiny-random-sd3``), with components saved as absent (e.g. SD3 without T5) passed as None, which
+    diffusers requires explicitly."""
     from diffusers import DiffusionPipeline
 
+    from .tiny import resolve_pipeline
+
+    # A tiny pipeline name -> its cached directory; a hub id unreachable offline -> an error naming pipeline=.
+    source = resolve_pipeline(source)
     path = Path(source)
     if path.is_dir():
         index_file = path / "model_index.json"
@@ -255,6 +273,60 @@ def load_pipeline(source: str, dtype: torch.dtype):
         # diffusers >= 0.36 renames torch_dtype to dtype; older releases only know torch_dtype
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
         return DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, **absent)
+
+
+def pipeline_provenance(source: str | None, pipe) -> dict:
+    """Where the pipeline came from and whether it is untrained: ``True`` for a tiny-random name or a
+    directory with an untrained marker, ``False`` for a hub id or another directory, ``None`` (unknown) for
+    a pipeline built in code with nothing that says."""
+    source = str(source or getattr(pipe, "name_or_path", None) or "") or None
+    untrained = None
+    if source is not None:
+        path = Path(source)
+        untrained = source.startswith(TINY_RANDOM) or (path.is_dir() and _marked_untrained(path))
+    return {"source": source, "class": type(pipe).__name__, "untrained": untrained}
+
+
+def _marked_untrained(directory: Path) -> bool:
+    """A saved pipeline labelled random: ``ICTHP_UNTRAINED.txt``, or icthp's preset marker saying so."""
+    from ..checkpoints import PRESET_MARKER, read_metadata
+
+    if (directory / UNTRAINED_PIPELINE_MARKER).is_file():
+        return True
+    marker = directory / PRESET_MARKER
+    return marker.is_file() and read_metadata(marker).get("untrained") is True
+
+
+def reward_provenance(reward: Reward) -> dict:
+    """Every term of a reward with the weights of its scorer(s) (ICT-HP has two), each flagged untrained."""
+    terms = []
+    for name, scorer in reward.scorers.items():
+        terms.append({"name": name, "weight": reward.weights[name], "checkpoints": [
+            {"kind": i.kind, "source": i.source, "path": i.path, "untrained": i.untrained}
+            for i in scorer.checkpoints()]})
+    untrained = any(c["untrained"] for t in terms for c in t["checkpoints"])
+    return {"spec": reward.name, "terms": terms, "untrained": untrained}
+
+
+def _untrained_parts(weights: dict) -> list[str]:
+    """``["pipeline <source>", "reward ict-hp (ICT <- tiny-random, ...)", ...]`` for every untrained set."""
+    parts = []
+    if weights["pipeline"]["untrained"]:
+        parts.append(f"pipeline {weights['pipeline']['source']}")
+    for role in ("reward", "monitor"):
+        for term in (weights.get(role) or {}).get("terms", []):
+            bad = [f"{c['kind'].upper()} <- {c['source']}" for c in term["checkpoints"] if c["untrained"]]
+            if bad:
+                parts.append(f"{role} {term['name']} ({', '.join(bad)})")
+    return parts
+
+
+def _log_warnings(cfg: FinetuneConfig) -> None:
+    """Settings that are valid but almost certainly not meant, named with a better value."""
+    if cfg.warmup_steps > 0 and cfg.warmup_steps >= cfg.max_steps:
+        logger.warning("warmup_steps (%d) >= max_steps (%d): the whole run is warm-up (the learning rate reaches "
+                       "its peak at most at the last step); use warmup_steps=%d", cfg.warmup_steps, cfg.max_steps,
+                       cfg.max_steps // 10)
 
 
 def finetune(cfg: FinetuneConfig, *, resume: bool = False, pipe=None, reward: Reward | None = None,
@@ -271,8 +343,9 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, pipe=None, reward: Re
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
+    from tqdm.auto import tqdm
 
-    from ..train_config import check_resumable, save_config
+    from ..train_config import check_resumable, keep_log_through, save_config
 
     cfg.validate()
     cuda = torch.cuda.is_available()
@@ -291,9 +364,12 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, pipe=None, reward: Re
         raise InputError(f"{out} already has checkpoints: pass --resume to continue, or use another output_dir")
     if resume and saved.is_file():
         check_resumable(json.loads(saved.read_text()), cfg, RESUME_FREE)
+    if accelerator.is_main_process:
+        _log_warnings(cfg)
     set_seed(cfg.seed)
     train_prompts, held_prompts = split_prompts(cfg)
 
+    pipeline_source = None if pipe is not None else cfg.pipeline
     if pipe is None:
         pipe = load_pipeline(cfg.pipeline, weight_dtype)
     pipe.set_progress_bar_config(disable=True)
@@ -314,6 +390,20 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, pipe=None, reward: Re
         reward = load_reward(cfg.reward, ict=cfg.ict, hp=cfg.hp, weights=weights, device=device, dtype=reward_dtype)
     if monitor is None and cfg.monitor and cfg.monitor != "none":
         monitor = load_reward(cfg.monitor, ict=cfg.ict, hp=cfg.hp, weights=weights, device=device, dtype=reward_dtype)
+    # Provenance of every set of weights the run uses; written into summary.json and beside every LoRA.
+    provenance = {"pipeline": pipeline_provenance(pipeline_source, pipe), "reward": reward_provenance(reward),
+                  "monitor": reward_provenance(monitor) if monitor is not None else None}
+    untrained = _untrained_parts(provenance)
+    warning = None
+    if untrained:
+        warning = (f"UNTRAINED random weights in this run ({'; '.join(untrained)}): the LoRA is tuned towards a "
+                   "meaningless reward (for tests and demos only)")
+        if accelerator.is_main_process:
+            logger.warning(warning)
+
+    def lora_metadata(step: int) -> dict:
+        return {"steps": step, "config": cfg.to_dict(), "weights": provenance, "untrained": bool(untrained),
+                **({"warning": warning} if warning else {})}
 
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
@@ -329,13 +419,18 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, pipe=None, reward: Re
     if resume and latest:
         accelerator.load_state(str(latest[-1]))
         state.update(json.loads((latest[-1] / "icthp_state.json").read_text()))
-        logger.info("resumed from %s (step %d)", latest[-1], state["step"])
+        if accelerator.is_main_process:
+            tqdm.write(f"resumed from step {state['step']} (checkpoint {latest[-1]})")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, saved)
     log_path = out / "log.jsonl"
     if accelerator.is_main_process and not resume:
         log_path.write_text("")
+    elif accelerator.is_main_process:
+        # Rows after the checkpoint were written by the run that died: they are logged again from here. Without
+        # a checkpoint the run starts over, so nothing of the old log stays.
+        keep_log_through(log_path, state["step"] if latest else None)
 
     def log(row: dict) -> None:
         if accelerator.is_main_process:
@@ -372,12 +467,10 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, pipe=None, reward: Re
         if accelerator.is_main_process:
             (path / "icthp_state.json").write_text(json.dumps({**state, "step": step}))
             save_config(cfg, path / "config.json")
-            save_lora(pipe, path / "lora")
+            save_lora(pipe, path / "lora", lora_metadata(step))
             for old in sorted(ckpt_root.glob("step-*"))[: -cfg.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
-
-    from tqdm.auto import tqdm
 
     bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="finetune", unit="step",
                disable=not accelerator.is_local_main_process)
@@ -441,9 +534,10 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, pipe=None, reward: Re
             break
     bar.close()
     summary = {"steps": state["step"], "stopped_early": state["stopped_early"],
-               "seconds": round(time.perf_counter() - t_start, 3), "output_dir": str(out)}
+               "seconds": round(time.perf_counter() - t_start, 3), "output_dir": str(out),
+               "weights": provenance, "untrained": bool(untrained), **({"warning": warning} if warning else {})}
     if accelerator.is_main_process:
-        summary["lora"] = str(save_lora(pipe, out / "lora"))
+        summary["lora"] = str(save_lora(pipe, out / "lora", lora_metadata(state["step"])))
         plot = plot_log(log_path, out / "rewards.png")
         summary["plot"] = str(plot) if plot else None
         rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
