@@ -240,3 +240,26 @@ def test_bench_bars_leave_room_for_every_value_label():
     widths = [float(w) for w in re.findall(r'<rect x="[\d.]+" y="[\d.]+" width="([\d.]+)" height', svg)]
     bars = [w for w in widths if w != 12]  # the legend's swatches are 12 px
     assert len(bars) == 36 and min(bars) >= 24  # a "64.7" label at 10 px needs ~22 px
+
+
+def test_serve_logs_through_icthps_handler(monkeypatch):
+    # uvicorn would install its own "INFO:     ..." formatter beside icthp's: run() leaves logging to the CLI.
+    pytest.importorskip("uvicorn")
+    import uvicorn
+
+    from icthp.serve import ServeConfig
+    from icthp.serve import app as app_module
+
+    seen = {}
+
+    class FakeServer:
+        def __init__(self, config):
+            seen["config"] = config
+
+        def run(self):
+            seen["ran"] = True
+
+    monkeypatch.setattr(uvicorn, "Server", FakeServer)
+    monkeypatch.setattr(app_module, "create_app", lambda config: "app")
+    app_module.run(ServeConfig(ict="tiny-random", hp="tiny-random"))
+    assert seen["ran"] and seen["config"].log_config is None
