@@ -243,6 +243,37 @@ def new_temp_dir(path: str | os.PathLike) -> Path:
             continue
 
 
+@contextmanager
+def atomic_directory(target: str | os.PathLike, *, replace: bool = True) -> Iterator[Path]:
+    """Yield a new temporary folder beside ``target``; once the block has written it in full, it becomes
+    ``target`` (one rename), with the permissions the umask gives. If the block fails, nothing changes.
+
+    ``replace=True``: an existing ``target`` is replaced (a checkpoint written again). ``replace=False``: an
+    existing ``target`` is kept and the new copy discarded (caches that concurrent processes may fill at the
+    same time: the first complete copy wins).
+
+    Example:
+        >>> with atomic_directory("exports/ict") as tmp:  # doctest: +SKIP
+        ...     (tmp / "model.safetensors").write_bytes(data)
+    """
+    import shutil
+
+    target = Path(target)
+    tmp = new_temp_dir(target)
+    try:
+        yield tmp
+        honour_umask(tmp)  # safetensors (and others) write 0600 files
+        if target.exists() and replace:
+            shutil.rmtree(target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if replace or not target.exists():
+                raise  # (with replace=False, another process put its complete copy there first: keep it)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def current_umask() -> int:
     """The process's umask, read without changing it where the system says (Linux ``/proc/self/status``)."""
     try:
