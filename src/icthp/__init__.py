@@ -25,7 +25,7 @@ _EXPORTS = {
     "Ranking": "scoring",
     "Scorer": "scoring",
     "Scores": "scoring",
-    "ict_hp_group": "scoring",
+    "ict_hp_group": "scores",
     "load": "scoring",
 }
 
@@ -47,7 +47,8 @@ __all__ = [
 if TYPE_CHECKING:  # pragma: no cover
     from .errors import CheckpointError, ImageLoadError
     from .registry import list_models
-    from .scoring import HPScorer, ICTHPScorer, ICTScorer, Ranking, Scorer, Scores, ict_hp_group, load
+    from .scores import ict_hp_group
+    from .scoring import HPScorer, ICTHPScorer, ICTScorer, Ranking, Scorer, Scores, load
 
 
 def __getattr__(name: str):

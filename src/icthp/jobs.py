@@ -32,7 +32,8 @@ from .files import (
     read_rows,
     write_table,
 )
-from .scoring import Scorer, ict_hp_group, iter_batches, to_device
+from .scores import GROUP_COLUMN, group_column, group_scores
+from .scoring import Scorer, iter_batches, to_device
 
 # Bytes read from each end of a weight file for its fingerprint: a different file of the same size differs
 # in its header (safetensors offsets) or its tail (a .bin's zip directory and CRCs); hashing gigabytes
@@ -110,10 +111,6 @@ class ScoreJobResult:
     seconds: float = 0.0
 
 
-#: the column ICT-HP ranks by: ``ict * softmax(hp_logit)`` over the images of one group (the released rule)
-GROUP_COLUMN = "ict_hp_group"
-
-
 def _row(item: ImageItem, columns: Sequence[str], scores: dict[str, float | None], error: str | None) -> dict[str, Any]:
     row: dict[str, Any] = {"image": item.image, "prompt": item.prompt}
     if item.role is not None:
@@ -146,21 +143,21 @@ def _add_ranks(rows: list[dict[str, Any]], main: str) -> None:
         if r.get(main) is not None:
             groups[(r.get("group"), r.get("prompt"))].append(r)
     for members in groups.values():
-        if main == "ict_hp":
-            keys = ict_hp_group(torch.tensor([r["ict"] for r in members]),
-                                torch.tensor([r["hp_logit"] for r in members])).tolist()
+        columns = {c: torch.tensor([float(r[c]) for r in members]) for c in members[0]
+                   if c in ("ict", "hp_logit", main)}
+        name, values = group_scores(columns, main)
+        keys = values.tolist()
+        if name == GROUP_COLUMN:
             for r, k in zip(members, keys, strict=True):
                 r[GROUP_COLUMN] = k
-        else:
-            keys = [r[main] for r in members]
         order = sorted(range(len(members)), key=lambda i: -keys[i])
         for rank, i in enumerate(order, 1):
             members[i]["rank"] = rank
 
 
 def rank_column(main: str) -> str:
-    """The column that ``rank`` follows for a model whose main score is ``main``."""
-    return GROUP_COLUMN if main == "ict_hp" else main
+    """The column that ``rank`` follows for a model whose main score is ``main`` (:func:`group_column`)."""
+    return group_column(main)
 
 
 def run_score_job(

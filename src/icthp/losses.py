@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .scores import ict_hp_group
+
 #: released defaults
 NEG_WEIGHT = 0.5
 NEG_ALPHA = 20.0
@@ -144,9 +146,9 @@ def hp_loss(hp_logits: torch.Tensor, *, margin: float = MARGIN, reduction: str =
 
 
 def ict_hp_scores(ict: torch.Tensor, hp_logits: torch.Tensor) -> torch.Tensor:
-    """Triplet ICT-HP ``s_k = ict_k * softmax_k(h)`` for ``[B, 3]`` inputs (the released validation's score)."""
-    with torch.autocast(device_type=ict.device.type, enabled=False):
-        return ict.float() * torch.softmax(hp_logits.float(), dim=-1)
+    """Triplet ICT-HP ``s_k = ict_k * softmax_k(h)`` for ``[B, 3]`` inputs (the released validation's score,
+    :func:`icthp.scores.ict_hp_group` over each triplet)."""
+    return ict_hp_group(ict, hp_logits, dim=-1)
 
 
 def ict_hp_loss(ict: torch.Tensor, hp_logits: torch.Tensor, *, margin: float = MARGIN, reduction: str = "sum") -> torch.Tensor:

@@ -42,6 +42,7 @@ from .preprocess import (
     pil_to_model_input,
     preprocess_tensor,
 )
+from .scores import group_scores
 from .tokenizer import DEFAULT_TOKENIZATION, Tokenization, check_tokenization, load_tokenizer, tokenize
 
 logger = logging.getLogger(__name__)
@@ -220,18 +221,6 @@ class Scores:
         return {k: v for k, v in vars(self).items() if v is not None}
 
 
-def ict_hp_group(ict: torch.Tensor, hp_logit: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """ICT-HP within a group of images for one prompt: ``ict * softmax(hp_logit)`` over ``dim``.
-
-    This is the released validation's triplet score (``ICT-HP_k = ICT_k * softmax_k(h)``).
-
-    Example:
-        >>> ict_hp_group(torch.tensor([0.5, 0.5]), torch.tensor([0.0, 0.0]))
-        tensor([0.2500, 0.2500])
-    """
-    return ict * torch.softmax(hp_logit.float(), dim=dim)
-
-
 class Scorer:
     """Base class: the interface every reward model in icthp offers.
 
@@ -299,9 +288,11 @@ class Scorer:
         """
         if isinstance(images, torch.Tensor):
             with torch.no_grad():
-                scores = self._group_scores(self.score, images, prompt)
+                columns = self.score_all(images, prompt).as_dict()
         else:
-            scores = self._group_scores(self.score_images, images, prompt)
+            columns = self.score_images_all(images, prompt).as_dict()
+        # ICT-HP ranks by ict * softmax(hp_logit) over the images (the released rule), others by their score.
+        _, scores = group_scores(columns, self.main_component or self.name)
         scores = scores.float().cpu()
         order = sorted(range(len(scores)), key=lambda i: -float(scores[i]))
         return Ranking(order, [float(s) for s in scores])
@@ -333,9 +324,6 @@ class Scorer:
                 for name, value in self.components(to_device(batch.pixel_values, self.device), sub).items():
                     columns.setdefault(name, torch.empty(len(images)))[batch.indices] = value.float().cpu()
         return self._scores(columns)
-
-    def _group_scores(self, fn, images, prompt) -> torch.Tensor:
-        return fn(images, prompt)
 
     def checkpoints(self) -> list[CheckpointInfo]:
         """Where this scorer's weights came from (one entry per checkpoint; ICT-HP has two)."""
@@ -627,10 +615,6 @@ class ICTHPScorer(Scorer):
     @property
     def tokenization(self) -> str | None:  # the ICT component's (HP reads no prompt)
         return self.ict.tokenization
-
-    def _group_scores(self, fn, images, prompt) -> torch.Tensor:
-        s = self.score_images_all(images, prompt) if fn == self.score_images else self.score_all(images, prompt)
-        return ict_hp_group(s.ict, s.hp_logit)
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:

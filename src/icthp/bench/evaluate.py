@@ -29,7 +29,8 @@ import torch
 from .. import __version__
 from ..errors import InputError
 from ..metrics import pair_accuracy, triplet_accuracy
-from ..scoring import ICTHPScorer, Scorer, ict_hp_group, iter_batches, to_device
+from ..scores import group_scores
+from ..scoring import ICTHPScorer, Scorer, iter_batches, to_device
 from .cache import EmbeddingCache, content_hash, model_key
 
 logger = logging.getLogger(__name__)
@@ -275,9 +276,7 @@ def state_parts(scorer: Scorer) -> list[Scorer]:
 def item_scores(scorer: Scorer, components: dict[str, torch.Tensor]) -> tuple[str, torch.Tensor]:
     """The score each item's images are compared by: ICT-HP uses the released group rule
     ``ict * softmax(hp_logit)`` over the item's images; any other scorer its main component."""
-    if "ict" in components and "hp_logit" in components and scorer.main_component == "ict_hp":
-        return "ict_hp_group", ict_hp_group(components["ict"], components["hp_logit"], dim=-1)
-    return scorer.main_component, components[scorer.main_component]
+    return group_scores(components, scorer.main_component, dim=-1)
 
 
 # --------------------------------------------------------------------------------------------- the benchmark

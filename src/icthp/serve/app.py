@@ -21,7 +21,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from ..scoring import Scorer, ict_hp_group, to_device
+from ..scores import group_scores
+from ..scoring import Scorer, to_device
 from .batching import BatcherClosed, DynamicBatcher, QueueFull
 from .config import ServeConfig
 from .inputs import RequestError, ScoreRequest, decode_one, parse_form, parse_json
@@ -382,10 +383,7 @@ def _ranking(parsed: ScoreRequest, columns: dict[str, torch.Tensor], models: Ser
     prompts = parsed.prompts
     if prompts is not None and len(set(prompts)) != 1:
         return None
-    if "ict" in columns and "hp_logit" in columns:
-        name, values = "ict_hp_group", ict_hp_group(columns["ict"], columns["hp_logit"])
-    else:
-        name, values = models.main, columns[models.main]
+    name, values = group_scores(columns, models.main)
     order = sorted(range(len(values)), key=lambda i: -float(values[i]))
     return {"score": name, "values": values.tolist(), "order": order}
 
