@@ -41,13 +41,11 @@ from icthp.baselines import (
     ImageRewardScorer,
     PickScoreScorer,
     load_baseline,
-    write_random_aesthetic,
-    write_random_clip,
-    write_random_hpsv2,
-    write_random_imagereward,
-    write_random_pickscore,
 )
-from icthp.baselines.imagereward import REWARD_MEAN, REWARD_STD
+from icthp.baselines.aesthetic import write_random_aesthetic
+from icthp.baselines.clip import write_random_clip, write_random_pickscore
+from icthp.baselines.hpsv2 import write_random_hpsv2
+from icthp.baselines.imagereward import REWARD_MEAN, REWARD_STD, write_random_imagereward
 from icthp.preprocess import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,

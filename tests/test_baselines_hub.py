@@ -12,13 +12,10 @@ import sys
 from pathlib import Path
 
 from _hub import fake_hub_cache
-from icthp.baselines import (
-    write_random_aesthetic,
-    write_random_clip,
-    write_random_hpsv2,
-    write_random_imagereward,
-    write_random_pickscore,
-)
+from icthp.baselines.aesthetic import write_random_aesthetic
+from icthp.baselines.clip import write_random_clip, write_random_pickscore
+from icthp.baselines.hpsv2 import write_random_hpsv2
+from icthp.baselines.imagereward import write_random_imagereward
 
 BERT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "cat"]
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+from icthp.bench.accuracy import pair_accuracy, triplet_accuracy
 from icthp.bench.cache import EmbeddingCache, content_hash, model_key
-from icthp.bench.evaluate import detect_kind, run_bench
-from icthp.metrics import pair_accuracy, triplet_accuracy
+from icthp.bench.evaluate import Protocol, Shard, detect_kind, run_bench
 
 # ------------------------------------------------------------------------------------------------ metrics
 
@@ -161,6 +161,50 @@ def test_pair_bench_equals_direct_count(generated, ict_hp, tmp_path):
     assert "left out" in per.result["protocol"]["description"]
 
 
+def test_protocol_object_equals_the_keywords_and_is_checked_before_reading(generated, ict_hp, tmp_path):
+    _, paths, _ = generated
+    rows = [{"prompt": "p", "image_a": paths[5], "image_b": paths[2], "winner": "a"},
+            {"prompt": "q", "image_a": paths[0], "image_b": paths[6], "winner": "tie"}]
+    manifest = _write_jsonl(tmp_path / "pairs.jsonl", rows)
+    by_keywords = run_bench(manifest, {"hp": ict_hp.hp}, label_ties="half", aggregate="per_prompt",
+                            cache_dir=tmp_path / "cache")
+    protocol = Protocol(label_ties="half", aggregate="per_prompt")  # kind "auto": resolved from the columns
+    by_object = run_bench(manifest, {"hp": ict_hp.hp}, protocol=protocol, shard=Shard(),
+                          cache_dir=tmp_path / "cache")
+    assert by_object.result["accuracy"] == by_keywords.result["accuracy"]
+    assert by_object.result["protocol"] == by_keywords.result["protocol"] == {
+        "kind": "pair", "score_ties": "error", "label_ties": "half", "aggregate": "per_prompt", "prompt": "prompt",
+        "description": Protocol("pair", label_ties="half", aggregate="per_prompt").description}
+    assert Protocol("triplet", label_ties="half").to_dict()["label_ties"] is None  # does not apply to triplets
+    with pytest.raises(ValueError, match="either as protocol= or as kind="):
+        run_bench(manifest, {"hp": ict_hp.hp}, protocol=protocol, score_ties="half", cache_dir=tmp_path / "cache")
+    # an unknown value fails with the valid ones before the dataset is even looked at
+    with pytest.raises(ValueError, match=r"label_ties: expected one of drop, half, error; got 'ignore'"):
+        run_bench(tmp_path / "missing.jsonl", {"hp": ict_hp.hp}, label_ties="ignore", cache_dir=tmp_path / "cache")
+
+
+def test_shards_split_the_images_and_the_main_one_summarises(generated, ict_hp, tmp_path, monkeypatch):
+    """Two shards run one after the other in this process: each computes the images it owns, the other one
+    returns only its counts, and the main one's result equals a one-process run."""
+    _, paths, _ = generated
+    rows = [{"prompt": f"p{i}", "lose": paths[i], "win": paths[i + 1], "high": paths[i + 2]} for i in range(0, 12, 3)]
+    manifest = _write_jsonl(tmp_path / "t.jsonl", rows)
+    hashes = [content_hash(p) for p in paths]
+    assert all([Shard(0, 2).owns(h), Shard(1, 2).owns(h)].count(True) == 1 for h in hashes)
+    other = run_bench(manifest, {"hp": ict_hp.hp}, shard=Shard(1, 2), cache_dir=tmp_path / "two")
+    assert other.result == {"processes": 2, "rank": 1} and other.items == []
+    main = run_bench(manifest, {"hp": ict_hp.hp}, shard=Shard(0, 2), cache_dir=tmp_path / "two", wait_timeout_s=5)
+    one = run_bench(manifest, {"hp": ict_hp.hp}, cache_dir=tmp_path / "one")
+    owned = sum(Shard(1, 2).owns(h) for h in hashes)
+    assert other.stats["hp"]["computed"] == owned and main.stats["hp"]["computed"] == 12 - owned
+    assert main.result["processes"] == 2 and main.result["accuracy"] == one.result["accuracy"]
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert Shard.from_env() == Shard(1, 4)
+    with pytest.raises(ValueError, match="rank 4 of 4"):
+        Shard(4, 4)
+
+
 # ------------------------------------------------------------------------------------------------ cache
 
 
@@ -277,7 +321,8 @@ def test_cli_bench_end_to_end(demo_dir, tmp_path):
 def test_baselines_in_bench_equal_in_process_scores_and_are_cached(generated, tmp_path, monkeypatch):
     """Baselines without an image state cache scores per (image, prompt); image-only ones per image."""
     import icthp
-    from icthp.baselines import write_random_aesthetic, write_random_pickscore
+    from icthp.baselines.aesthetic import write_random_aesthetic
+    from icthp.baselines.clip import write_random_pickscore
 
     _, paths, _ = generated
     rows = [{"prompt": f"p{i % 2}", "lose": paths[i], "win": paths[i + 1], "high": paths[i + 2]} for i in range(0, 9, 3)]

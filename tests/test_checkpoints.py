@@ -390,3 +390,41 @@ def test_loaded_model_does_not_depend_on_the_file(preset, base_preset, fmt):
         assert key not in hp_state or torch.equal(hp_state[key], value), key
     for key, value in torch.load(base_preset / HP_HEAD_BIN, weights_only=True).items():
         assert torch.equal(hp_state[f"head.{key}"], value), key
+
+
+def test_convert_from_python_reads_back_and_records_where_it_came_from(preset, tmp_path):
+    from icthp.checkpoints import convert
+
+    done = convert(preset / "hp", tmp_path / "hp", kind="hp", dtype="bf16", converted_from="my-hp")
+    assert (done.kind, done.layout, done.dtype, done.source, done.untrained) == ("hp", "icthp", "bfloat16", "my-hp", True)
+    meta = json.loads((tmp_path / "hp" / "icthp.json").read_text())
+    assert meta["converted_from"] == "my-hp" and meta["untrained"] is True
+    back, info = load_hp(done.directory)
+    assert info.file_dtype == "bfloat16/float32"  # the head stays in float32
+    assert done.tensors == len([k for k in back.state_dict() if not k.endswith("position_ids")])
+    again = convert(done.directory, tmp_path / "released", kind="hp", layout="released")
+    assert again.dtype == "bfloat16" and (tmp_path / "released" / "hp_scorer" / "mlp_pytorch_model.bin").is_file()
+    with pytest.raises(ValueError, match="unknown layout 'safetensors'; expected 'icthp' or 'released'"):
+        convert(preset / "ict", tmp_path / "x", kind="ict", layout="safetensors")
+    assert not (tmp_path / "x").exists()
+
+
+def test_convert_refuses_a_checkpoint_that_does_not_read_back(preset, tmp_path, monkeypatch):
+    import icthp.checkpoints.writing as writing
+    from icthp.checkpoints import VerificationError, convert
+
+    real_save = writing.save_ict
+
+    def save_one_weight_wrong(model, directory, **kwargs):
+        state = model.state_dict()
+        key = next(k for k, v in state.items() if v.is_floating_point())
+        original = state[key].clone()
+        state[key].add_(1.0)  # what is written differs from the model in memory by one tensor
+        try:
+            return real_save(model, directory, **kwargs)
+        finally:
+            state[key].copy_(original)
+
+    monkeypatch.setattr(writing, "save_ict", save_one_weight_wrong)
+    with pytest.raises(VerificationError, match="does not read back identically"):
+        convert(preset / "ict", tmp_path / "ict", kind="ict")

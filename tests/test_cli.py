@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -59,7 +60,8 @@ def test_score_formats_with_corrupt_and_missing_images(tmp_path, mixed_manifest,
         if r["image"] in expected:
             assert not r["error"]
             for k, v in expected[r["image"]].items():
-                assert float(r[k]) == pytest.approx(v, abs=1e-6), (r["image"], k)
+                # float32 sums of other batch shapes differ in the last bits (hp_logit is ~1.7)
+                assert float(r[k]) == pytest.approx(v, rel=2e-6, abs=1e-6), (r["image"], k)
         else:
             assert r["error"], r  # corrupt and missing rows carry the reason, with no scores
             assert r["ict"] in (None, "")
@@ -228,6 +230,30 @@ def test_console_script_runs():
     assert exe.exists(), "the icthp console script is not installed in this environment"
     res = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and "score" in res.stdout
+
+
+def test_help_lists_every_choice_without_importing_torch():
+    # The command enums are built from the library's choices (icthp.choices), which import nothing heavy:
+    # `icthp --help` and `icthp bench --help` must not pay for torch.
+    code = ("import sys; from icthp.cli import main; codes = [main(['--help']), main(['bench', '--help'])]; "
+            "assert codes == [0, 0], codes; assert 'torch' not in sys.modules, 'torch was imported'")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "COLUMNS": "250"})
+    assert res.returncode == 0, res.stderr
+    assert "auto|triplet|pair" in res.stdout and "pooled|per_prompt" in res.stdout
+
+
+def test_cli_choices_are_the_library_s():
+    from icthp import choices
+    from icthp.cli import bench, score, weights
+    from icthp.cli._common import ModelName
+    from icthp.registry import names
+
+    assert [m.value for m in ModelName] == ["ict-hp", "ict", "hp"] and set(ModelName) == set(names("icthp"))
+    for enum, values in ((bench.ScoreTies, choices.SCORE_TIES), (bench.LabelTies, choices.LABEL_TIES),
+                         (bench.Aggregate, choices.AGGREGATES), (bench.DataKind, choices.DATA_KINDS),
+                         (score.OnError, choices.ON_ERROR), (weights.Layout, choices.CHECKPOINT_LAYOUTS)):
+        assert tuple(m.value for m in enum) == values
 
 
 def test_manifest_formats_give_the_same_scores(tmp_path, demo_dir):

@@ -368,8 +368,8 @@ def test_validation_streams_a_jsonl_manifest(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("validate loaded the whole manifest with read_rows")
 
-    monkeypatch.setattr(icthp.files, "read_rows", refuse)
-    monkeypatch.setattr(icthp.data, "read_rows", refuse)
+    for module in (icthp.files, icthp.data.triplets, icthp.data.validate):
+        monkeypatch.setattr(module, "read_rows", refuse, raising=False)
     n = 50
     manifest = tmp_path / "m.jsonl"
     lines = [json.dumps({"prompt": f"p{i}", "lose": "a.png", "win": "b.png", "refined": "c.png"}) for i in range(n)]

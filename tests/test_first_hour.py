@@ -95,7 +95,7 @@ def test_caption_names_a_folder_only_when_every_row_is_in_it(tmp_path, monkeypat
 
     from rich.console import Console
 
-    import icthp.cli
+    import icthp.cli._common
 
     for sub in ("a", "b"):
         (tmp_path / sub).mkdir()
@@ -103,7 +103,7 @@ def test_caption_names_a_folder_only_when_every_row_is_in_it(tmp_path, monkeypat
             Image.new("RGB", (40, 40), (i * 50, 10, 10)).save(tmp_path / sub / f"{i}.png")
     for folders, named in (([tmp_path / "a", tmp_path / "b"], False), ([tmp_path / "a"], True)):
         buf = io.StringIO()
-        monkeypatch.setattr(icthp.cli, "out", Console(file=buf, width=400))
+        monkeypatch.setattr(icthp.cli._common, "out", Console(file=buf, width=400))
         assert main(["score", *map(str, folders), "-p", "x", *TINY, "--show", "2"]) == 0
         # The two rows shown are both in a/; with b/ scored too, the caption must not say "in a/".
         assert (f"in {tmp_path / 'a'}" in buf.getvalue()) is named
@@ -216,9 +216,9 @@ def test_progress_lines_without_a_terminal(triplet_manifest, tmp_path, monkeypat
 
 
 def test_the_torchvision_warning_is_silenced_on_icthp_commands(caplog):
-    from icthp.cli import _setup_logging
+    from icthp.cli._common import setup_logging
 
-    _setup_logging(False)
+    setup_logging(False)
     logger = logging.getLogger("transformers.utils.import_utils")
     with caplog.at_level(logging.WARNING, logger="transformers.utils.import_utils"):
         logger.warning("`CLIPImageProcessor` requires torchvision (not installed); falling back")

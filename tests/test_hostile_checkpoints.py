@@ -30,12 +30,11 @@ from icthp.baselines import (
     AestheticScorer,
     CLIPScorer,
     HPSv2Scorer,
-    write_random_aesthetic,
-    write_random_clip,
-    write_random_hpsv2,
-    write_random_imagereward,
 )
-from icthp.baselines.imagereward import ImageRewardConfig, load_imagereward
+from icthp.baselines.aesthetic import write_random_aesthetic
+from icthp.baselines.clip import write_random_clip
+from icthp.baselines.hpsv2 import write_random_hpsv2
+from icthp.baselines.imagereward import ImageRewardConfig, load_imagereward, write_random_imagereward
 from icthp.checkpoints import load_hp, load_ict, save_hp, save_ict
 from icthp.cli import main
 from icthp.modeling import architecture_dict, clip_config

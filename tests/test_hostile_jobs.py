@@ -367,7 +367,7 @@ def test_lora_files_honour_the_umask(tmp_path, umask_022):
 def test_an_image_that_fails_in_preprocessing_is_reported_not_fatal(manifest, tmp_path, monkeypatch, capsys):
     import icthp.scoring
 
-    original = icthp.scoring.pil_to_model_input
+    original = icthp.scoring.inputs.pil_to_model_input
 
     def overflow_for_one(image, cfg=None):
         if image.size == (96, 80) and np.asarray(image)[0, 0, 0] == first_pixel:
@@ -375,7 +375,7 @@ def test_an_image_that_fails_in_preprocessing_is_reported_not_fatal(manifest, tm
         return original(image, cfg) if cfg is not None else original(image)
 
     first_pixel = np.asarray(Image.open(manifest.parent / "img3.png").convert("RGB"))[0, 0, 0]
-    monkeypatch.setattr(icthp.scoring, "pil_to_model_input", overflow_for_one)
+    monkeypatch.setattr(icthp.scoring.inputs, "pil_to_model_input", overflow_for_one)
     out = tmp_path / "s.jsonl"
     assert _score(manifest, out) == 0
     rows = read_rows(out)

@@ -226,7 +226,7 @@ def test_cli_metrics_offline_error_names_aesthetic_weights(no_hub, demo_dir, cap
 
 
 def test_imagereward_without_a_vocabulary_offline_names_the_cli_route(no_hub, tmp_path):
-    from icthp.baselines import write_random_imagereward
+    from icthp.baselines.imagereward import write_random_imagereward
     from icthp.presets import tiny_random_dir
 
     directory = write_random_imagereward(tmp_path / "ir", vocab=False)  # as THUDM/ImageReward: no vocab.txt
@@ -244,7 +244,7 @@ def test_imagereward_without_a_vocabulary_offline_names_the_cli_route(no_hub, tm
 
 
 def test_aesthetic_without_its_clip_offline_names_where_to_put_it(no_hub, tmp_path):
-    from icthp.baselines import write_random_aesthetic
+    from icthp.baselines.aesthetic import write_random_aesthetic
 
     directory = write_random_aesthetic(tmp_path / "aes")
     shutil.rmtree(directory / "clip")

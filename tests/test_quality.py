@@ -35,7 +35,7 @@ def test_jpeg_size_is_pils_jpeg_at_the_quality():
 
 def test_image_metrics_and_cli(tmp_path):
     import icthp
-    from icthp.baselines import write_random_aesthetic
+    from icthp.baselines.aesthetic import write_random_aesthetic
     from icthp.cli import main
 
     folder = tmp_path / "imgs"

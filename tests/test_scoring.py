@@ -141,7 +141,7 @@ def test_full_prompt_cache_keeps_this_batchs_prompts(ict_hp, pixels, tokenizer):
     with torch.no_grad():
         for prompts in (["a", "b", "b"], ["a", "c", "c"], ["d", "e", "a"], ["f", "g", "h"]):
             assert torch.equal(small.score(pixels, prompts), unbounded.score(pixels, prompts)), prompts
-            assert len(small._cache) <= 2
+            assert len(small._prompts) <= 2
 
 
 # --------------------------------------------------------------------------------------------- relations

@@ -439,7 +439,8 @@ def test_static_page_is_served(served):
 
 def test_baselines_are_served_beside_the_model(ict_hp, tmp_path):
     import icthp
-    from icthp.baselines import write_random_aesthetic, write_random_hpsv2
+    from icthp.baselines.aesthetic import write_random_aesthetic
+    from icthp.baselines.hpsv2 import write_random_hpsv2
 
     hps = icthp.load("hpsv2.1", weights=str(write_random_hpsv2(tmp_path / "hps", version="v2.1")))
     aes = icthp.load("aesthetic", weights=str(write_random_aesthetic(tmp_path / "aes")))

@@ -30,8 +30,23 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 MANIFEST_EXTENSIONS = (".jsonl", ".csv", ".parquet")
 TABLE_EXTENSIONS = (".csv", ".jsonl", ".parquet")
 IMAGE_COLUMN_CANDIDATES = ("image", "image_path", "path", "file", "filename")
-# Multi-image rows: triplets (lose / win / high or refined) and pairs (image_a / image_b), first match wins.
-ROLE_COLUMN_GROUPS = (("lose", "win", "high", "refined"), ("image_a", "image_b"))
+#: the images of a triplet, I1 < I2 < I3: the one vocabulary of triplet manifests (icthp.data reads it too)
+ROLES = ("lose", "win", "refined")
+#: other names of those columns (``high`` in the demo manifests, the paper's I1 / I2 / I3)
+ROLE_ALIASES = {"high": "refined", "I1": "lose", "I2": "win", "I3": "refined"}
+PAIR_COLUMNS = ("image_a", "image_b")
+
+
+def triplet_columns(columns: Sequence[str]) -> list[str]:
+    """The columns of a manifest that hold a triplet's images (by :data:`ROLES` or :data:`ROLE_ALIASES`), in
+    ``lose, win, refined`` order.
+
+    Example:
+        >>> triplet_columns(["prompt", "high", "lose", "win"])
+        ['lose', 'win', 'high']
+    """
+    found = {ROLE_ALIASES.get(c, c): c for c in columns if ROLE_ALIASES.get(c, c) in ROLES}
+    return [found[r] for r in ROLES if r in found]
 
 
 @dataclass(frozen=True)
@@ -146,8 +161,8 @@ def items_from_manifest(
         if single is not None:
             roles = [(single, None)]
         else:
-            roles = next(([(c, c) for c in group if c in columns] for group in ROLE_COLUMN_GROUPS
-                          if any(c in columns for c in group)), [])
+            # A triplet's images (each tagged with its column as role), else a pair's.
+            roles = [(c, c) for c in triplet_columns(columns)] or [(c, c) for c in PAIR_COLUMNS if c in columns]
             if not roles:
                 raise InputError(
                     f"manifest {path}: no image column; expected one of {', '.join(IMAGE_COLUMN_CANDIDATES)} "

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .choices import ON_ERROR
 from .errors import JobError
 from .files import (
     ImageItem,
@@ -185,8 +186,8 @@ def run_score_job(
         >>> from icthp.files import discover
         >>> run_score_job(scorer, discover(["images/"]), output="scores.csv")  # doctest: +SKIP
     """
-    if on_error not in ("skip", "fail"):
-        raise ValueError(f"on_error: expected 'skip' or 'fail', got {on_error!r}")
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error: expected one of {', '.join(ON_ERROR)}, got {on_error!r}")
     if not items:
         raise InputError("no images to score")
     if scorer.needs_prompt:

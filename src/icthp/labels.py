@@ -36,8 +36,6 @@ from .files import Journal, atomic_path, check_output, journal_path, meta_path
 from .jobs import check_same_job, scorer_identity
 from .scoring import ICTScorer, iter_batches, to_device
 
-DEFAULT_LABEL_CLIP = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
-
 
 def ict_labels(cos_lose: torch.Tensor, cos_win: torch.Tensor, text_cos: torch.Tensor, theta: float, *,
                clamp_negative: bool = False) -> dict[str, torch.Tensor]:

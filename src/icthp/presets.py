@@ -23,8 +23,10 @@ cache on first use; ``icthp preset tiny-random --output DIR`` (:func:`write_tiny
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
+import math
 import os
 import shutil
 from collections.abc import Callable
@@ -51,33 +53,73 @@ def cache_dir() -> Path:
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "icthp"
 
 
-def _random_state(module: torch.nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Draw every tensor of ``module``'s state dict from ``generator`` (sorted key order, fixed rules).
+def random_state(module: torch.nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Seeded random values for every tensor of ``module``'s state dict (not ``position_ids``), by module type:
+    the one generator of icthp's random weights (the tiny presets, every baseline's ``write_random_*``).
 
-    Scales keep activations O(1) through the towers, so scores vary across images instead of collapsing.
+    Scales keep activations O(1) through deep towers, so tiny random models give scores that vary from one
+    image to the next (a parity test on near-constant scores would prove little): layer norms ``1 + N(0, .1)``
+    (biases ``N(0, .1)``), linear and convolution weights ``N(0, 1 / fan_in)``, embeddings ``N(0, .02)``,
+    biases ``N(0, .02)``, other parameters (class tokens...) ``N(0, .5)``; ``logit_scale`` is CLIP's initial
+    ``ln(1 / 0.07)``, drawing nothing.
+
+    Example:
+        >>> sorted(random_state(torch.nn.Linear(2, 3), torch.Generator().manual_seed(0)))
+        ['bias', 'weight']
     """
+    owner = {}
+    for mod_name, mod in module.named_modules():
+        for p_name, _ in mod.named_parameters(recurse=False):
+            owner[f"{mod_name}.{p_name}" if mod_name else p_name] = (mod, p_name)
     state = {}
-    shapes = {k: v.shape for k, v in module.state_dict().items()}
-    for key in sorted(shapes):
-        shape = shapes[key]
+    for key, value in sorted(module.state_dict().items()):
         if key.endswith("position_ids"):
             continue
+        shape = value.shape
+        mod, p_name = owner.get(key, (None, key))
         if key == "logit_scale":
-            t = torch.tensor(2.6592)
-        elif key.endswith("layer_norm1.weight") or key.endswith("layer_norm2.weight") or "layernorm" in key or \
-                "layrnorm" in key or key.endswith("final_layer_norm.weight"):
-            t = 1.0 + 0.1 * torch.randn(shape, generator=generator) if key.endswith("weight") else \
+            t = torch.tensor(math.log(1 / 0.07))
+        elif isinstance(mod, torch.nn.LayerNorm):
+            t = (1.0 + 0.1 * torch.randn(shape, generator=generator)) if p_name == "weight" else \
                 0.1 * torch.randn(shape, generator=generator)
-        elif key.endswith(".bias"):
+        elif p_name == "bias" or isinstance(mod, torch.nn.Embedding):
             t = 0.02 * torch.randn(shape, generator=generator)
-        elif len(shape) >= 2:
-            fan_in = int(torch.tensor(shape[1:]).prod())
-            std = 0.02 if "embedding" in key else fan_in**-0.5
-            t = std * torch.randn(shape, generator=generator)
-        else:  # class embedding and other vectors
+        elif isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
+            t = math.prod(shape[1:]) ** -0.5 * torch.randn(shape, generator=generator)
+        else:
             t = 0.5 * torch.randn(shape, generator=generator)
         state[key] = t.float()
     return state
+
+
+def load_random(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """Assign ``state`` into ``module`` (built on the meta device) strictly, as every checkpoint is loaded:
+    every key present, none unknown (position ids, which are not weights, are rebuilt).
+
+    Raises:
+        RuntimeError: naming the missing or unknown keys (a generator out of step with the model).
+    """
+    result = module.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"random weights do not fit {type(module).__name__}: missing {missing[:5]}, "
+                           f"unknown {result.unexpected_keys[:5]}")
+    restore_position_ids(module)
+    return module
+
+
+def random_clip(cfg, seed: int, logit_scale: float = math.log(100.0)) -> torch.nn.Module:
+    """A transformers ``CLIPModel`` of config ``cfg`` with seeded random weights (CPU, float32), in eval mode.
+
+    Example:
+        >>> random_clip(clip_config(architecture_dict("clip-tiny")), seed=0).logit_scale.exp().item()  # doctest: +SKIP
+        100.0
+    """
+    gen = torch.Generator().manual_seed(seed)
+    model = build_clip(cfg)  # meta: no memory, no initialisation that would be overwritten
+    state = random_state(model, gen)
+    state["logit_scale"] = torch.tensor(float(logit_scale))
+    return load_random(model, state).eval()
 
 
 def write_tiny_preset(directory: str | os.PathLike, seed: int = 0) -> Path:
@@ -108,18 +150,17 @@ def write_random_checkpoints(directory: str | os.PathLike, seed: int = 0, archit
     gen = torch.Generator().manual_seed(seed)
 
     ict = build_clip(cfg)
-    ict.load_state_dict(_random_state(ict, gen), strict=False, assign=True)
-    restore_position_ids(ict)
+    load_random(ict, random_state(ict, gen))
     save_ict(ict, directory / "ict", layout="released", extra_metadata=marker)
 
-    hp_clip = build_clip(cfg)
-    hp_state = _random_state(hp_clip, gen)
+    # HP: a second CLIP's vision tower (its text tower is saved too, as the released file holds a whole
+    # CLIPModel) and the MLP head.
+    hp_state = random_state(build_clip(cfg), gen)
     hp = build_hp(cfg)
     head_keys = {f"head.{k}" for k in hp.head.state_dict()}
-    head_state = {k: v for k, v in _random_state(hp, gen).items() if k in head_keys}
-    hp.load_state_dict({**{k: v for k, v in hp_state.items() if not k.startswith("text")
-                           and k != "logit_scale"}, **head_state}, strict=False, assign=True)
-    restore_position_ids(hp)
+    head_state = {k: v for k, v in random_state(hp, gen).items() if k in head_keys}
+    load_random(hp, {**{k: v for k, v in hp_state.items() if not k.startswith("text") and k != "logit_scale"},
+                     **head_state})
     text_state = {k: v for k, v in hp_state.items() if k.startswith("text") or k == "logit_scale"}
     save_hp(hp, directory / "hp", layout="released", text_state=text_state, extra_metadata=marker)
     (directory / PRESET_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
@@ -128,7 +169,7 @@ def write_random_checkpoints(directory: str | os.PathLike, seed: int = 0, archit
 
 #: Version of the generators of the cached tiny-random weights: part of the cache path, so a cache written by
 #: another version of the generators (other shapes, files or vocabulary) is never mistaken for this one.
-PRESET_VERSION = 2
+PRESET_VERSION = 3
 
 
 def _preset_cache() -> Path:
@@ -153,20 +194,12 @@ def _cached(target: Path, write: Callable[[Path], object]) -> Path:
     """
     if (target / PRESET_MARKER).is_file():
         return target
-    from .files import honour_umask, new_temp_dir
+    from .files import atomic_directory
 
-    tmp = new_temp_dir(target)  # the umask's permissions (mkdtemp would make it 0700)
-    try:
+    if target.exists() and not (target / PRESET_MARKER).is_file():
+        shutil.rmtree(target, ignore_errors=True)  # a stale partial copy (no marker): never a complete one
+    with atomic_directory(target, replace=False) as tmp:  # another process's complete copy, if first, is kept
         write(tmp)
-        honour_umask(tmp)  # safetensors writes its files 0600
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process won the race (or a stale partial copy): keep a complete one
-            if not (target / PRESET_MARKER).is_file():
-                shutil.rmtree(target, ignore_errors=True)
-                os.rename(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     logger.warning("%s: %s", target.name, UNTRAINED_WARNING)
     return target
 
@@ -179,6 +212,21 @@ TINY_PIPELINES = {"tiny-random-sd3": "sd3", "tiny-random-sd": "sd"}
 # Baselines whose weights share one released repository share one directory (xswu/HPSv2 holds both HPS files).
 _BASELINE_DIRS = {"clip": "clip", "pickscore": "pickscore", "hpsv2": "hpsv2", "hpsv2.1": "hpsv2",
                   "imagereward": "imagereward", "aesthetic": "aesthetic"}
+# Each baseline's writer of random weights lives with its loader (which knows the release's file layout),
+# named here by import path: the presets depend on no scorer module, so baselines can use the presets.
+_BASELINE_WRITERS = {"clip": "icthp.baselines.clip:write_random_clip",
+                     "pickscore": "icthp.baselines.clip:write_random_pickscore",
+                     "hpsv2": "icthp.baselines.hpsv2:write_random_hpsv2",
+                     "imagereward": "icthp.baselines.imagereward:write_random_imagereward",
+                     "aesthetic": "icthp.baselines.aesthetic:write_random_aesthetic"}
+_PIPELINE_WRITER = "icthp.finetune.tiny:write_tiny_pipeline"
+
+
+def _writer(path: str) -> Callable:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 # Seed offsets, so that no two tiny baselines share weights (the write_random_* defaults).
 _SEED_OFFSETS = {"clip": 0, "pickscore": 1, "hpsv2": 2, "imagereward": 3, "aesthetic": 4}
 
@@ -198,25 +246,16 @@ def write_tiny_baseline(directory: str | os.PathLike, name: str, seed: int = 0) 
         >>> from icthp.baselines import load_baseline
         >>> load_baseline("pickscore", write_tiny_baseline("/tmp/ps", "pickscore"))  # doctest: +SKIP
     """
-    from .baselines import (
-        write_random_aesthetic,
-        write_random_clip,
-        write_random_hpsv2,
-        write_random_imagereward,
-        write_random_pickscore,
-    )
-
     if name not in _BASELINE_DIRS:
         raise KeyError(f"unknown baseline {name!r}; expected one of: {', '.join(_BASELINE_DIRS)}")
     directory = Path(directory)
     kind = _BASELINE_DIRS[name]
     base = seed + _SEED_OFFSETS[kind]
+    writer = _writer(_BASELINE_WRITERS[kind])
     if kind == "hpsv2":
-        write_random_hpsv2(directory, version="v2.0", seed=base)
-        write_random_hpsv2(directory, version="v2.1", seed=base + 3)
+        writer(directory, version="v2.0", seed=base)
+        writer(directory, version="v2.1", seed=base + 3)
     else:
-        writer = {"clip": write_random_clip, "pickscore": write_random_pickscore,
-                  "imagereward": write_random_imagereward, "aesthetic": write_random_aesthetic}[kind]
         writer(directory, seed=base)
     (directory / PRESET_MARKER).write_text(json.dumps(_marker(kind, seed), indent=2) + "\n", encoding="utf-8")
     return directory
@@ -236,8 +275,7 @@ def tiny_random_dir(name: str, seed: int = 0) -> Path:
     if name in ("ict", "hp"):
         return tiny_preset_dir(seed) / name
     if name in TINY_PIPELINES:
-        from .finetune.tiny import write_tiny_pipeline
-
+        write_tiny_pipeline = _writer(_PIPELINE_WRITER)
         kind = TINY_PIPELINES[name]
         return _cached(_preset_cache() / f"{name}-seed{seed}", lambda d: write_tiny_pipeline(d, kind, seed))
     if name not in _BASELINE_DIRS:
@@ -246,6 +284,20 @@ def tiny_random_dir(name: str, seed: int = 0) -> Path:
     kind = _BASELINE_DIRS[name]
     return _cached(_preset_cache() / f"tiny-random-{kind}-seed{seed}",
                    lambda d: write_tiny_baseline(d, kind, seed))
+
+
+def expand_source(source, name: str):
+    """Where weights named ``source`` are: ``tiny-random`` -> the cached untrained weights of ``name`` (``ict``,
+    ``hp``, a baseline such as ``pickscore``, or a tiny pipeline; :func:`tiny_random_dir`); any other source
+    (and ``None``) unchanged. This is the one place ``tiny-random`` is turned into a directory.
+
+    Example:
+        >>> expand_source("8y/ICT", "ict")
+        '8y/ICT'
+    """
+    if source is not None and str(source) == TINY_RANDOM:
+        return tiny_random_dir(name)
+    return source
 
 
 _README = """# tiny-random: UNTRAINED random weights (icthp preset)
@@ -282,8 +334,7 @@ def write_tiny_random(directory: str | os.PathLike, seed: int = 0, *, pipelines:
         rows.append(f"| {name} | `{kind}/` | `icthp bench DATA -m {name}={out}/{kind}`; "
                     f"`icthp serve --baseline {name}={out}/{kind}`{extra} |")
     if pipelines:
-        from .finetune.tiny import write_tiny_pipeline
-
+        write_tiny_pipeline = _writer(_PIPELINE_WRITER)
         for preset, kind in TINY_PIPELINES.items():
             write_tiny_pipeline(directory / kind, kind, seed)
             rows.append(f"| {preset} | `{kind}/` | `icthp finetune pipeline={out}/{kind}`; "

@@ -14,10 +14,18 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import importlib
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .scoring import Scorer
 
 TINY_RANDOM = "tiny-random"
+#: laion's OpenCLIP ViT-H/14 (LAION-2B): the base of ICT and HP, the paper's "CLIP" baseline, PickScore's
+#: processor and the default labelling CLIP
+CLIP_H = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 
 
 @dataclass(frozen=True)
@@ -35,6 +43,11 @@ class ModelSpec:
         licence: licence of the released code and weights, as stated by the authors.
         family: ``icthp`` (the paper's models) or ``baseline`` (:mod:`icthp.baselines`).
         weights: a baseline's default weights (hub id); ICT/HP use ``ict_source`` / ``hp_source``.
+        scorer: the scorer class, as an import path ``module:Class`` (imported only when loaded, so the table
+            depends on no scorer module).
+        options: keyword arguments of the class's ``from_pretrained`` that select this model
+            (``version="v2.1"`` for HPSv2.1).
+        preprocessing: how images are turned into the model's input (as the release does).
     """
 
     name: str
@@ -48,6 +61,9 @@ class ModelSpec:
     licence: str
     family: str = "icthp"
     weights: str | None = None
+    scorer: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+    preprocessing: str = "shortest side to 224 (bicubic), centre crop 224, OpenAI CLIP mean/std"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,6 +77,7 @@ MODELS: dict[str, ModelSpec] = {
     for spec in (
         ModelSpec(
             name="ict",
+            scorer="icthp.scoring:ICTScorer",
             components=("ict",),
             ict_source="8y/ICT",
             hp_source=None,
@@ -72,6 +89,7 @@ MODELS: dict[str, ModelSpec] = {
         ),
         ModelSpec(
             name="hp",
+            scorer="icthp.scoring:HPScorer",
             components=("hp",),
             ict_source=None,
             hp_source="8y/HP",
@@ -83,6 +101,7 @@ MODELS: dict[str, ModelSpec] = {
         ),
         ModelSpec(
             name="ict-hp",
+            scorer="icthp.scoring:ICTHPScorer",
             components=("ict", "hp"),
             ict_source="8y/ICT",
             hp_source="8y/HP",
@@ -97,41 +116,52 @@ MODELS: dict[str, ModelSpec] = {
 
 
 def _baseline(name: str, weights: str, needs_prompt: bool, score_range: str, meaning: str, source: str,
-              licence: str) -> ModelSpec:
+              licence: str, scorer: str, preprocessing: str, **options: Any) -> ModelSpec:
     return ModelSpec(name=name, components=(), ict_source=None, hp_source=None, needs_prompt=needs_prompt,
                      score_range=score_range, meaning=meaning, source=source, licence=licence, family="baseline",
-                     weights=weights)
+                     weights=weights, scorer=scorer, options=options, preprocessing=preprocessing)
+
+
+_CLIP_PREPROCESSING = "shortest side to 224 (bicubic), centre crop 224, OpenAI CLIP mean/std (CLIPImageProcessor)"
+_HPS_PREPROCESSING = "longest side to 224 (bicubic, antialiased, on the float tensor), zero-padded square, OpenAI mean/std"
 
 
 # Baselines (docs/baselines.md has how each is computed and loaded offline).
 MODELS.update({
     spec.name: spec
     for spec in (
-        _baseline("clip", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", True,
+        _baseline("clip", CLIP_H, True,
                   "cosine in [-1, 1], about 0.2..0.4 for matching pairs",
                   "text-image alignment (CLIPScore); does not judge quality",
                   "Hessel et al., EMNLP 2021 (CLIPScore); laion OpenCLIP ViT-H/14",
-                  "MIT (laion model card)"),
+                  "MIT (laion model card)", "icthp.baselines.clip:CLIPScorer",
+                  _CLIP_PREPROCESSING + "; or the directory's preprocessor_config.json"),
         _baseline("pickscore", "yuvalkirstain/PickScore_v1", True,
                   "logit_scale.exp() * cosine, about 18..24",
                   "human preference on Pick-a-Pic (compare images of one prompt)",
                   "Kirstain et al., NeurIPS 2023 (github yuvalkirstain/PickScore)",
-                  "MIT (code); see the model card for the weights"),
+                  "MIT (code); see the model card for the weights", "icthp.baselines.clip:PickScoreScorer",
+                  _CLIP_PREPROCESSING),
         _baseline("hpsv2", "xswu/HPSv2", True, "cosine, about 0.2..0.35",
                   "human preference on HPD v2 (compare images of one prompt)",
-                  "Wu et al., 2023, Human Preference Score v2 (github tgxs002/HPSv2)", "Apache-2.0"),
+                  "Wu et al., 2023, Human Preference Score v2 (github tgxs002/HPSv2)", "Apache-2.0",
+                  "icthp.baselines.hpsv2:HPSv2Scorer", _HPS_PREPROCESSING, version="v2.0"),
         _baseline("hpsv2.1", "xswu/HPSv2", True, "cosine, about 0.2..0.35 (not comparable with v2.0)",
                   "human preference, HPSv2.1 weights trained on higher-quality data",
-                  "Wu et al., 2023, Human Preference Score v2 (github tgxs002/HPSv2)", "Apache-2.0"),
+                  "Wu et al., 2023, Human Preference Score v2 (github tgxs002/HPSv2)", "Apache-2.0",
+                  "icthp.baselines.hpsv2:HPSv2Scorer", _HPS_PREPROCESSING, version="v2.1"),
         _baseline("imagereward", "THUDM/ImageReward", True,
                   "standardised reward (mean 0, std 1 on its training data), about -2..2",
                   "human preference on ImageRewardDB (BLIP image-text model)",
-                  "Xu et al., NeurIPS 2023 (github THUDM/ImageReward)", "Apache-2.0"),
+                  "Xu et al., NeurIPS 2023 (github THUDM/ImageReward)", "Apache-2.0",
+                  "icthp.baselines.imagereward:ImageRewardScorer",
+                  "shortest side to 224 (bicubic), centre crop (torchvision rounding), OpenAI CLIP mean/std"),
         _baseline("aesthetic", "trl-lib/ddpo-aesthetic-predictor", False,
                   "predicted mean rating on a 1..10 scale, most photographs 4..7",
                   "aesthetic quality from the image alone (LAION aesthetic predictor v2, CLIP ViT-L/14)",
                   "C. Schuhmann, github christophschuhmann/improved-aesthetic-predictor",
-                  "Apache-2.0 (predictor); MIT (OpenAI CLIP)"),
+                  "Apache-2.0 (predictor); MIT (OpenAI CLIP)", "icthp.baselines.aesthetic:AestheticScorer",
+                  "shortest side to 224 (bicubic), centre crop (torchvision rounding), OpenAI CLIP mean/std"),
     )
 })
 
@@ -150,6 +180,51 @@ def get_spec(name: str) -> ModelSpec:
         return MODELS[name]
     except KeyError:
         raise KeyError(f"unknown model {name!r}; expected one of: {', '.join(MODELS)}") from None
+
+
+def names(family: str | None = None) -> tuple[str, ...]:
+    """Registered model names, of one ``family`` (``icthp`` or ``baseline``) or all.
+
+    Example:
+        >>> names("icthp")
+        ('ict', 'hp', 'ict-hp')
+    """
+    return tuple(n for n, s in MODELS.items() if family is None or s.family == family)
+
+
+def scorer_class(name: str) -> type[Scorer]:
+    """The scorer class of a registered model, imported from its :attr:`ModelSpec.scorer` path.
+
+    Example:
+        >>> scorer_class("pickscore").__name__
+        'PickScoreScorer'
+    """
+    module, _, cls = get_spec(name).scorer.partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def parse_model_arg(arg: str, family: str | None = None) -> tuple[str, str | None]:
+    """``"name"`` or ``"name=WEIGHTS"`` (the ``-m`` / ``--baseline`` / ``reward_weights`` form) -> ``(name,
+    weights or None)``; only baselines carry their weights this way (ICT/HP take ``--ict`` / ``--hp``).
+
+    Raises:
+        ValueError: an unknown name (listing the valid ones, of ``family`` when given), or weights given
+            to a model whose components take them elsewhere.
+
+    Example:
+        >>> parse_model_arg("pickscore=/models/PickScore"), parse_model_arg("ict-hp")
+        (('pickscore', '/models/PickScore'), ('ict-hp', None))
+    """
+    name, _, weights = arg.partition("=")
+    name, weights = name.strip(), weights.strip()
+    valid = names(family)
+    if name not in valid:
+        kind = "baseline" if family == "baseline" else "model"
+        raise ValueError(f"unknown {kind} {name!r}; expected one of {', '.join(valid)} (a baseline may carry its "
+                         "weights: pickscore=DIR)")
+    if weights and MODELS[name].family != "baseline":
+        raise ValueError(f"{arg!r}: give ICT/HP weights with --ict / --hp (ict= / hp= in configs)")
+    return name, weights or None
 
 
 def list_models() -> list[ModelSpec]:

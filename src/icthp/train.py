@@ -30,26 +30,29 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from .bench.accuracy import triplet_accuracy
 from .checkpoints import CheckpointInfo, load_ict, save_hp, save_ict
 from .data import UnsafePickleError, read_triplets
-from .dataset import TripletCollator, TripletDataset
+from .dataset import TripletBatch, TripletCollator, TripletDataset
 from .distributed import gather_with_grad
 from .errors import InputError
 from .losses import hp_loss, ict_hp_loss, ict_loss
-from .metrics import triplet_accuracy
 from .modeling import hp_from_clip, set_hp_trainable, text_features, vision_features
 from .preprocess import PreprocessConfig
-from .scoring import _expand_source
+from .presets import expand_source
+from .run_config import SAVED_CONFIG, save_config
+from .runs import RunLog, check_resume, prune_checkpoints, resume_latest, save_checkpoint, say, step_name
+from .scores import ict_hp_group
 from .tokenizer import load_tokenizer
-from .train_config import TrainConfig, check_resumable, keep_log_through, save_config
+from .train_config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +108,52 @@ def _ict_cosines(ict_model, batch) -> torch.Tensor:
     return torch.einsum("bkd,bd->bk", images.view(3, b, -1).transpose(0, 1), easy)
 
 
+def compute_loss(model: torch.nn.Module, batch: TripletBatch, cfg: TrainConfig,
+                 frozen_ict: torch.nn.Module | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Loss of one micro-batch, and its parts as floats for the log.
+
+    Features are gathered from every process with their gradient, so the in-batch negatives (ICT) and the
+    ICT-HP ``sum`` reduction span the global batch. ``stage=ict``: ``model`` is the (wrapped) CLIP, the loss
+    is :func:`~icthp.losses.ict_loss`. ``stage=hp``: ``model`` is the HP network and ``frozen_ict`` scores the
+    triplets; the loss is ``hp_weight * hp_loss + ict_hp_weight * ict_hp_loss``.
+    """
+    if cfg.stage == "ict":
+        images, easy, refined = _clip_forward(model, batch)
+        images, easy, refined, labels = (gather_with_grad(t) for t in (images, easy, refined, batch.labels))
+        res = ict_loss(images, easy, refined, labels, neg_weight=cfg.neg_weight, alpha=cfg.neg_alpha,
+                       beta=cfg.neg_beta, neg_logit_scale=cfg.neg_logit_scale, e2_from_r1=cfg.e2_from_r1)
+        return res.loss, {"loss": res.loss.item(), "regression": res.regression.item(),
+                          "negatives": res.negatives.item()}
+    with torch.no_grad():
+        cos = _ict_cosines(frozen_ict, batch)
+    h = gather_with_grad(_hp_logits(model, batch))
+    cos = gather_with_grad(cos)
+    hp = hp_loss(h, margin=cfg.margin, reduction=cfg.hp_reduction)
+    ihp = ict_hp_loss(cos, h, margin=cfg.margin, reduction=cfg.ict_hp_reduction)
+    loss = cfg.hp_weight * hp + cfg.ict_hp_weight * ihp
+    return loss, {"loss": loss.item(), "hp_loss": hp.item(), "ict_hp_loss": ihp.item()}
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, val_loader, accelerator, cfg: TrainConfig,
+             frozen_ict: torch.nn.Module | None = None) -> dict[str, float]:
+    """Triplet accuracies on the validation set (every process's share gathered): ``val/{score}/{column}`` with
+    score ``ict`` (ICT stage) or ``hp`` and ``ict_hp`` (HP stage), columns ``I2>I1``, ``I3>I2``, ``I3>I1``,
+    ``mean`` in percent. Leaves ``model`` in training mode."""
+    model.eval()
+    cols: dict[str, list[torch.Tensor]] = {}
+    for batch in val_loader:
+        if cfg.stage == "ict":
+            scores = {"ict": _ict_cosines(accelerator.unwrap_model(model), batch)}
+        else:
+            h = _hp_logits(model, batch).float()
+            scores = {"hp": h, "ict_hp": ict_hp_group(_ict_cosines(frozen_ict, batch), h)}
+        for k, v in scores.items():
+            cols.setdefault(k, []).append(accelerator.gather_for_metrics(v))
+    model.train()
+    return {f"val/{k}/{col}": acc for k, parts in cols.items() for col, acc in triplet_accuracy(torch.cat(parts)).items()}
+
+
 def enable_gradient_checkpointing(model: torch.nn.Module) -> int:
     """Recompute transformer layers' activations in backward (non-reentrant); returns how many modules.
 
@@ -124,11 +173,6 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> int:
     if n == 0:
         raise RuntimeError("no module of this model supports gradient checkpointing")
     return n
-
-
-def _latest(directory: Path) -> Path | None:
-    steps = sorted(directory.glob("step-*")) if directory.is_dir() else []
-    return steps[-1] if steps else None
 
 
 def available_cpus() -> int:
@@ -197,6 +241,67 @@ def _val_line(step: int, metrics: dict[str, float], n: int, best_key: str, best:
     return f"step {step} validation ({n} triplets): {'; '.join(parts)} | best {name} mean {best[0]:.1f} at step {best[1]}"
 
 
+def _record_validation(accelerator, log: RunLog, step: int, metrics: dict[str, float], n: int, best_key: str,
+                       best: tuple[float, int]) -> tuple[float, int]:
+    """Log a validation and show it on the console with the best so far; returns the best ``(value, step)``."""
+    log.write({"step": step, **metrics})
+    if metrics.get(best_key, -math.inf) > best[0]:
+        best = (metrics[best_key], step)
+    say(accelerator, _val_line(step, metrics, n, best_key, best))
+    return best
+
+
+def _best_logged(rows: list[dict[str, Any]], key: str) -> tuple[float, int]:
+    """The best ``key`` in a run's log rows and its step (a resumed run continues from its log); ``(-inf, 0)``."""
+    best = (-math.inf, 0)
+    for row in rows:
+        if isinstance(row.get(key), (int, float)) and row[key] > best[0]:
+            best = (row[key], row["step"])
+    return best
+
+
+def _training_batches(accelerator, loader, epoch: int, skip: int) -> Iterator[tuple[int, int, TripletBatch]]:
+    """The training micro-batches, epoch after epoch without end, as ``(epoch, batches of that epoch so far,
+    batch)``.
+
+    Every epoch has its own seeded order (``set_epoch``). A resumed run starts in ``epoch`` after its first
+    ``skip`` batches (accelerate's ``skip_first_batches``): the order of the run that was not interrupted.
+    """
+    while True:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+        for n, batch in enumerate(epoch_loader, start=skip + 1):
+            yield epoch, n, batch
+        epoch, skip = epoch + 1, 0
+
+
+def save(accelerator, model: torch.nn.Module, out: Path, cfg: TrainConfig, position: dict[str, int],
+         provenance: dict[str, Any]) -> Path:
+    """Checkpoint the training state at ``position`` (``step``, ``epoch``, ``batches_in_epoch``: where resuming
+    continues the data) and export the model's weights, in the icthp format and the released layout; keep the
+    last ``keep_last`` checkpoints. Every process calls this; returns the export folder."""
+    step = position["step"]
+    save_checkpoint(accelerator, out, position, cfg)
+    export = out / "export" / step_name(step)
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        metadata = {"trained_steps": step, **provenance}
+        # The released layout has no metadata file: the marker its loaders read says it is untrained (and
+        # only then, so a real export stays byte for byte the released layout).
+        released_metadata = metadata if provenance["untrained"] else None
+        # Our format, and the released layout so the rest of the ecosystem can load it too.
+        if cfg.stage == "ict":
+            save_ict(unwrapped, export / "ict", extra_metadata=metadata)
+            save_ict(unwrapped, export / "released" / "ICT", layout="released", extra_metadata=released_metadata)
+        else:
+            save_hp(unwrapped, export / "hp", extra_metadata=metadata)
+            save_hp(unwrapped, export / "released" / "HP", layout="released", extra_metadata=released_metadata)
+        prune_checkpoints(out, cfg.keep_last)
+    accelerator.wait_for_everyone()
+    return export
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None) -> Path:
     """Run (or resume) a training run; returns the export directory of the last step.
 
@@ -207,14 +312,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
     """
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
 
     cfg.validate()
     out = Path(cfg.output_dir)
-    config_file = out / "config.json"
-    if config_file.is_file():
-        if not resume:
-            raise InputError(f"{out} already holds a run; pass --resume to continue it or use another output_dir")
-        check_resumable(json.loads(config_file.read_text()), cfg)
+    if (out / SAVED_CONFIG).is_file() and not resume:
+        raise InputError(f"{out} already holds a run; pass --resume to continue it or use another output_dir")
+    if resume:
+        check_resume(out, cfg)
     # Data first: a wrong path or a refused pickle costs no model load (and leaves no config.json behind).
     train_rows = _read_triplets(cfg.train_data, cfg.train_split, cfg.allow_pickle)
     if not train_rows and cfg.train_split:
@@ -237,7 +342,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
     set_seed(cfg.seed)
 
     # ---- models: built from config, weights loaded strictly (base CLIP or trained ICT)
-    base, base_info = load_ict(_expand_source(cfg.base, "ict"), dtype="float32")
+    base, base_info = load_ict(expand_source(cfg.base, "ict"), dtype="float32")
     weights = {"base": _weights_entry(cfg.base, base_info)}
     if cfg.stage == "ict":
         model = base.requires_grad_(True).train()
@@ -249,7 +354,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
         del base
         set_hp_trainable(model, cfg.fix_rate, cfg.freeze_vision_embeddings)
         model.train()
-        frozen_ict, ict_info = load_ict(_expand_source(cfg.ict_checkpoint, "ict"), device=accelerator.device)
+        frozen_ict, ict_info = load_ict(expand_source(cfg.ict_checkpoint, "ict"), device=accelerator.device)
         weights["ict_checkpoint"] = _weights_entry(cfg.ict_checkpoint, ict_info)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -284,10 +389,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
     if accelerator.is_main_process:
         # Written once everything loaded: a run that failed to start leaves no config that would refuse a retry.
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, config_file)
+        save_config(cfg, out / SAVED_CONFIG)
     if cfg.report_to != "none":
         accelerator.init_trackers("icthp", config=cfg.to_dict())
 
+    # ---- optimiser and learning-rate schedule
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     schedule = functools.partial(lr_multiplier, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, warmup=cfg.warmup)
@@ -299,172 +405,68 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
     if val_loader is not None:
         val_loader = accelerator.prepare(val_loader)
 
-    from tqdm.auto import tqdm
-
-    def console(line: str) -> None:
-        """A line for the person watching (main process), printed above the progress bar."""
-        if accelerator.is_main_process:
-            tqdm.write(line)
-
-    step, skip_batches, epoch = 0, 0, 0
-    checkpoints = out / "checkpoints"
-    latest = _latest(checkpoints) if resume else None
-    if latest is not None:
-        accelerator.load_state(str(latest))
-        state = json.loads((latest / "icthp_state.json").read_text())
-        step, epoch, skip_batches = state["step"], state["epoch"], state["batches_in_epoch"]
-        console(f"resumed from step {step} (checkpoint {latest})")
-    metrics_file = out / "metrics.jsonl"
-    if resume and accelerator.is_main_process:
-        # Lines after the checkpoint were written by the run that died: they are logged again from here.
-        # Without a checkpoint the run starts over, so nothing of the old log stays.
-        logged = keep_log_through(metrics_file, step if latest is not None else None)
-    else:
-        logged = []
-
-    def compute_loss(batch) -> tuple[torch.Tensor, dict[str, float]]:
-        if cfg.stage == "ict":
-            images, easy, refined = _clip_forward(model, batch)
-            images, easy, refined, labels = (gather_with_grad(t) for t in (images, easy, refined, batch.labels))
-            res = ict_loss(images, easy, refined, labels, neg_weight=cfg.neg_weight, alpha=cfg.neg_alpha,
-                           beta=cfg.neg_beta, neg_logit_scale=cfg.neg_logit_scale, e2_from_r1=cfg.e2_from_r1)
-            return res.loss, {"loss": res.loss.item(), "regression": res.regression.item(),
-                              "negatives": res.negatives.item()}
-        with torch.no_grad():
-            cos = _ict_cosines(frozen_ict, batch)
-        h = gather_with_grad(_hp_logits(model, batch))
-        cos = gather_with_grad(cos)
-        hp = hp_loss(h, margin=cfg.margin, reduction=cfg.hp_reduction)
-        ihp = ict_hp_loss(cos, h, margin=cfg.margin, reduction=cfg.ict_hp_reduction)
-        loss = cfg.hp_weight * hp + cfg.ict_hp_weight * ihp
-        return loss, {"loss": loss.item(), "hp_loss": hp.item(), "ict_hp_loss": ihp.item()}
-
-    @torch.no_grad()
-    def evaluate() -> dict[str, float]:
-        model.eval()
-        cols: dict[str, list[torch.Tensor]] = {}
-        for batch in val_loader:
-            if cfg.stage == "ict":
-                scores = {"ict": _ict_cosines(accelerator.unwrap_model(model), batch)}
-            else:
-                h = _hp_logits(model, batch).float()
-                cos = _ict_cosines(frozen_ict, batch)
-                scores = {"hp": h, "ict_hp": cos * torch.softmax(h, dim=-1)}
-            for k, v in scores.items():
-                cols.setdefault(k, []).append(accelerator.gather_for_metrics(v))
-        model.train()
-        result = {}
-        for k, parts in cols.items():
-            for col, acc in triplet_accuracy(torch.cat(parts)).items():
-                result[f"val/{k}/{col}"] = acc
-        return result
-
-    def log(record: dict) -> None:
-        if accelerator.is_main_process:
-            with metrics_file.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-        if cfg.report_to != "none":
-            accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
-
+    # ---- where the run starts: step 0, or the latest checkpoint (its position in the data included)
+    step, epoch, skip_batches = 0, 0, 0
+    resumed = resume_latest(accelerator, out) if resume else None
+    if resumed is not None:
+        step, epoch, skip_batches = resumed["step"], resumed["epoch"], resumed["batches_in_epoch"]
+    log = RunLog(out / "metrics.jsonl", accelerator, cfg.report_to)
+    # Lines after the checkpoint were written by the run that died: they are logged again from here.
+    # Without a checkpoint the run starts over, so nothing of the old log stays.
+    logged = log.resume_at(step if resumed is not None else None) if resume else []
     best_key = f"val/{'ict' if cfg.stage == 'ict' else 'ict_hp'}/mean"
-    best = -math.inf  # best validation with an export (best.json)
     best_file = out / "best.json"
-    if best_file.is_file():
-        best = json.loads(best_file.read_text())["score"]
-    # Best validation so far, step 0 included, for the console (a resumed run continues from its log).
-    seen_best = (-math.inf, 0)
-    for row in logged:
-        if isinstance(row.get(best_key), (int, float)) and row[best_key] > seen_best[0]:
-            seen_best = (row[best_key], row["step"])
-
-    def validate(at_step: int) -> dict[str, float]:
-        """Evaluate, log, and show the accuracies and the best step so far on the console."""
-        nonlocal seen_best
-        metrics = evaluate()
-        log({"step": at_step, **metrics})
-        if metrics.get(best_key, -math.inf) > seen_best[0]:
-            seen_best = (metrics[best_key], at_step)
-        console(_val_line(at_step, metrics, len(val_rows), best_key, seen_best))
-        return metrics
-
-    def save(at_step: int, batches_in_epoch: int) -> Path:
-        ckpt = checkpoints / f"step-{at_step:06d}"
-        accelerator.save_state(str(ckpt))
-        export = out / "export" / f"step-{at_step:06d}"
-        if accelerator.is_main_process:
-            (ckpt / "icthp_state.json").write_text(json.dumps(
-                {"step": at_step, "epoch": epoch, "batches_in_epoch": batches_in_epoch}))
-            save_config(cfg, ckpt / "config.json")
-            unwrapped = accelerator.unwrap_model(model)
-            metadata = {"trained_steps": at_step, **provenance}
-            # The released layout has no metadata file: the marker its loaders read says it is untrained (and
-            # only then, so a real export stays byte for byte the released layout).
-            released_metadata = metadata if provenance["untrained"] else None
-            # Our format, and the released layout so the rest of the ecosystem can load it too.
-            if cfg.stage == "ict":
-                save_ict(unwrapped, export / "ict", extra_metadata=metadata)
-                save_ict(unwrapped, export / "released" / "ICT", layout="released", extra_metadata=released_metadata)
-            else:
-                save_hp(unwrapped, export / "hp", extra_metadata=metadata)
-                save_hp(unwrapped, export / "released" / "HP", layout="released", extra_metadata=released_metadata)
-            for old in sorted(checkpoints.glob("step-*"))[: -cfg.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        return export
-
+    best = json.loads(best_file.read_text())["score"] if best_file.is_file() else -math.inf  # best with an export
+    seen_best = _best_logged(logged, best_key)  # best validation so far, step 0 included, for the console
     if val_loader is not None and cfg.eval_every and step == 0:
-        validate(0)  # the starting point, to compare every later validation with
-    last_export = None
-    steps_this_call = 0
+        # the starting point, to compare every later validation with
+        metrics = evaluate(model, val_loader, accelerator, cfg, frozen_ict)
+        seen_best = _record_validation(accelerator, log, 0, metrics, len(val_rows), best_key, seen_best)
+
+    # ---- the loop: one optimiser step per iteration, until max_steps (or stop_after steps of this call)
+    first_step, last_export = step, None
+    last_step = cfg.max_steps if stop_after is None else min(cfg.max_steps, step + max(1, stop_after))
+    batches = _training_batches(accelerator, loader, epoch, skip_batches)
     t0 = time.perf_counter()
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {cfg.stage}", unit="step",
                disable=not accelerator.is_local_main_process)
-    while step < cfg.max_steps:
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        epoch_loader = accelerator.skip_first_batches(loader, skip_batches) if skip_batches else loader
-        batches_in_epoch = skip_batches
-        skip_batches = 0
-        for batch in epoch_loader:
-            batches_in_epoch += 1
+    while step < last_step:
+        # Micro-batches until accelerate syncs the gradients: every gradient_accumulation_steps-th, and the
+        # last of an epoch.
+        synced = False
+        while not synced:
+            epoch, batches_in_epoch, batch = next(batches)
             with accelerator.accumulate(model):
-                loss, parts = compute_loss(batch)
+                loss, parts = compute_loss(model, batch, cfg, frozen_ict)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients:
+                synced = accelerator.sync_gradients
+                if synced:
                     accelerator.clip_grad_norm_(params if cfg.stage == "hp" else model.parameters(), cfg.max_grad_norm)
                 optimizer.step()
-                if accelerator.sync_gradients:
-                    step_lr = scheduler.get_last_lr()[0]  # the rate this optimiser step used (logged below)
+                if synced:
+                    lr = scheduler.get_last_lr()[0]  # the rate this optimiser step used (logged below)
                     scheduler.step()
                 optimizer.zero_grad()
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            steps_this_call += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{parts['loss']:.4f}")
-            if step % cfg.log_every == 0 or step == 1:
-                elapsed = time.perf_counter() - t0
-                log({"step": step, "lr": step_lr, **parts,
-                     "triplets_per_s": steps_this_call * cfg.per_device_batch_size * accelerator.num_processes
-                     * cfg.gradient_accumulation_steps / max(elapsed, 1e-9)})
-            is_last = step >= cfg.max_steps or (stop_after is not None and steps_this_call >= stop_after)
-            if val_loader is not None and cfg.eval_every and (step % cfg.eval_every == 0 or is_last):
-                metrics = validate(step)
-            else:
-                metrics = {}
-            if step % cfg.save_every == 0 or is_last:
-                last_export = save(step, batches_in_epoch)
-                if metrics.get(best_key, -math.inf) > best and accelerator.is_main_process:
-                    best = metrics[best_key]
-                    best_file.write_text(json.dumps({"step": step, "score": best, "metric": best_key,
-                                                     "export": str(last_export)}))
-            if is_last:
-                break
-        else:
-            epoch += 1
-            continue
-        break
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{parts['loss']:.4f}")
+        if step % cfg.log_every == 0 or step == 1:
+            triplets = ((step - first_step) * cfg.per_device_batch_size * accelerator.num_processes
+                        * cfg.gradient_accumulation_steps)
+            log.write({"step": step, "lr": lr, **parts,
+                       "triplets_per_s": triplets / max(time.perf_counter() - t0, 1e-9)})
+        is_last = step >= last_step
+        metrics = {}
+        if val_loader is not None and cfg.eval_every and (step % cfg.eval_every == 0 or is_last):
+            metrics = evaluate(model, val_loader, accelerator, cfg, frozen_ict)
+            seen_best = _record_validation(accelerator, log, step, metrics, len(val_rows), best_key, seen_best)
+        if step % cfg.save_every == 0 or is_last:
+            position = {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch}
+            last_export = save(accelerator, model, out, cfg, position, provenance)
+            if metrics.get(best_key, -math.inf) > best and accelerator.is_main_process:
+                best = metrics[best_key]
+                best_file.write_text(json.dumps({"step": step, "score": best, "metric": best_key,
+                                                 "export": str(last_export)}))
     bar.close()
     if cfg.report_to != "none":
         accelerator.end_training()

@@ -31,21 +31,23 @@ from typing import Any
 
 import torch
 
+from ..registry import names
 from ._common import BaselineScorer, BaselineScores
-from .aesthetic import AestheticScorer, write_random_aesthetic
-from .clip import CLIPScorer, PickScoreScorer, write_random_clip, write_random_pickscore
-from .hpsv2 import HPSv2Scorer, write_random_hpsv2
-from .imagereward import ImageRewardScorer, write_random_imagereward
+from .aesthetic import AestheticScorer
+from .clip import CLIPScorer, PickScoreScorer
+from .hpsv2 import HPSv2Scorer
+from .imagereward import ImageRewardScorer
 
-#: registry name -> (scorer class, keyword arguments that select the model)
-BASELINES: dict[str, tuple[type[BaselineScorer], dict[str, Any]]] = {
-    "clip": (CLIPScorer, {}),
-    "pickscore": (PickScoreScorer, {}),
-    "hpsv2": (HPSv2Scorer, {"version": "v2.0"}),
-    "hpsv2.1": (HPSv2Scorer, {"version": "v2.1"}),
-    "imagereward": (ImageRewardScorer, {}),
-    "aesthetic": (AestheticScorer, {}),
-}
+
+def _baselines() -> dict[str, tuple[type[BaselineScorer], dict[str, Any]]]:
+    from ..registry import MODELS, scorer_class
+
+    return {n: (scorer_class(n), dict(MODELS[n].options)) for n in names("baseline")}
+
+
+#: registry name -> (scorer class, keyword arguments that select the model); built from the registry
+#: (:data:`icthp.registry.MODELS`), the one table of models.
+BASELINES: dict[str, tuple[type[BaselineScorer], dict[str, Any]]] = _baselines()
 
 
 def load_baseline(
@@ -59,7 +61,8 @@ def load_baseline(
     """Load a baseline scorer by name (see :data:`BASELINES`); ``source`` overrides its default weights.
 
     Extra keyword arguments go to the class's ``from_pretrained`` (e.g. ``scale=`` for ``clip``,
-    ``tokenizer=`` for ``imagereward``, ``clip=`` for ``aesthetic``, ``revision=``).
+    ``tokenizer=`` for ``imagereward``, ``clip=`` for ``aesthetic``, ``revision=``). The same as
+    :func:`icthp.load` with ``weights=source``.
 
     Raises:
         KeyError: unknown name; the message lists the valid ones.
@@ -68,11 +71,11 @@ def load_baseline(
         >>> load_baseline("hpsv2.1", "/models/HPSv2")  # doctest: +SKIP
         HPSv2Scorer(source='/models/HPSv2', device=cpu, dtype=float32)
     """
-    try:
-        cls, selected = BASELINES[name]
-    except KeyError:
-        raise KeyError(f"unknown baseline {name!r}; expected one of: {', '.join(BASELINES)}") from None
-    return cls.from_pretrained(source, device=device, dtype=dtype, **selected, **kwargs)
+    from ..scoring import load
+
+    if name not in BASELINES:
+        raise KeyError(f"unknown baseline {name!r}; expected one of: {', '.join(BASELINES)}")
+    return load(name, weights=source, device=device, dtype=dtype, **kwargs)
 
 
 __all__ = [
@@ -85,9 +88,4 @@ __all__ = [
     "ImageRewardScorer",
     "PickScoreScorer",
     "load_baseline",
-    "write_random_aesthetic",
-    "write_random_clip",
-    "write_random_hpsv2",
-    "write_random_imagereward",
-    "write_random_pickscore",
 ]

@@ -6,26 +6,22 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoints import (
     PRESET_MARKER,
-    CheckpointInfo,
-    _assign,
-    _float_dtype,
+    assign_weights,
     check_finite,
     check_keys,
     fetch_directory,
     first_existing,
+    float_dtypes,
     read_json_object,
     read_metadata,
     read_state_dict,
@@ -38,13 +34,11 @@ from ..modeling import (
     build_clip,
     clip_config,
     config_to_dict,
-    restore_position_ids,
 )
-from ..preprocess import PreprocessConfig
+from ..presets import random_clip, random_state  # noqa: F401 (the one home of random weights)
 from ..registry import offline_hint
-from ..scoring import (
-    Scorer,
-)
+from ..scoring.base import CheckpointScorer, Scores
+from ..scoring.clip import PromptCache, clip_text_features, context_length  # noqa: F401 (their home moved)
 
 logger = logging.getLogger(__name__)
 
@@ -54,114 +48,9 @@ CLIP_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 CLIP_HUB_PATTERNS = (["*.json", "*.txt", "model.safetensors"], ["*.json", "*.txt", "pytorch_model.bin"])
 
 
-# --------------------------------------------------------------------------------------------- results
-
-
-class BaselineScores:
-    """Every component of a baseline scorer for a batch, as attributes (``s.pickscore``) and :meth:`as_dict`.
-
-    Example:
-        >>> s = BaselineScores(clip=torch.tensor([0.3, 0.2]))
-        >>> s.clip, list(s.as_dict())
-        (tensor([0.3000, 0.2000]), ['clip'])
-    """
-
-    def __init__(self, **components: torch.Tensor):
-        self._components = dict(components)
-
-    def __getattr__(self, name: str) -> torch.Tensor:
-        components = self.__dict__.get("_components", {})
-        if name in components:
-            return components[name]
-        raise AttributeError(f"no score component {name!r}; this scorer has: {', '.join(components) or 'none'}")
-
-    def as_dict(self) -> dict[str, torch.Tensor]:
-        return dict(self._components)
-
-    def __repr__(self) -> str:
-        return f"BaselineScores({', '.join(f'{k}={v!r}' for k, v in self._components.items())})"
-
-
-# --------------------------------------------------------------------------------------------- scorer
-
-
-class BaselineScorer(Scorer):
-    """Base of the baseline scorers: one checkpoint, its :class:`CheckpointInfo`, device moves.
-
-    ``score_all`` / ``score_images_all`` return :class:`BaselineScores`, whose components are the
-    baseline's own (``icthp.Scores`` only holds the ICT-HP ones).
-
-    Example:
-        >>> hps = load_baseline("hpsv2.1")  # doctest: +SKIP
-        >>> hps.score_all(torch.rand(2, 3, 512, 512), "a cat").hpsv2_1  # doctest: +SKIP
-        tensor([0.2541, 0.2610], grad_fn=<SumBackward1>)
-    """
-
-    def __init__(self, preprocess: PreprocessConfig, networks: Mapping[str, nn.Module], info: CheckpointInfo,
-                 dtype: torch.dtype):
-        first = next(iter(networks.values()))
-        super().__init__(preprocess, next(first.parameters()).device, dtype)
-        self.networks = dict(networks)
-        self.info = info
-        if info.untrained:
-            logger.warning("%s: %s", self.name, info.describe())
-
-    def to(self, device: str | torch.device):
-        for module in self.networks.values():
-            module.to(device)
-        self.device = torch.device(device)
-        self._clear_caches()
-        return self
-
-    def _clear_caches(self) -> None:
-        """Drop anything cached on the old device (prompt embeddings)."""
-
-    def _scores(self, columns: dict[str, torch.Tensor]) -> BaselineScores:
-        # score_all / score_images_all return the baseline's own components (icthp.Scores holds ICT-HP's)
-        return BaselineScores(**columns)
-
-    def __repr__(self) -> str:
-        return (f"{type(self).__name__}(source={self.info.source!r}, device={self.device}, "
-                f"dtype={str(self.dtype).replace('torch.', '')})")
-
-
-class PromptCache:
-    """Normalised text features ``[P]`` (float32) per prompt, each encoded once, least recently used evicted.
-
-    ``encode(prompts) -> [n, P]`` runs without gradient (rewards are for images, not prompts); the cached
-    tensors are ordinary tensors, so a later differentiable ``score`` can use them.
-
-    Example:
-        >>> cache = PromptCache(lambda prompts: torch.ones(len(prompts), 4))
-        >>> cache(["a cat", "a cat"]).shape, len(cache)
-        (torch.Size([2, 4]), 1)
-    """
-
-    def __init__(self, encode: Callable[[list[str]], torch.Tensor], max_size: int = 10_000):
-        self.encode = encode
-        self.max_size = max_size
-        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
-
-    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
-        if missing:
-            with torch.inference_mode(False), torch.no_grad():
-                feats = F.normalize(self.encode(missing).float(), dim=-1)
-            for p, f in zip(missing, feats, strict=True):
-                self._cache[p] = f
-        for p in prompts:
-            self._cache.move_to_end(p)
-        out = torch.stack([self._cache[p] for p in prompts])
-        # Evicted only once this batch is read: a batch may hold more new prompts than the cache does.
-        while len(self._cache) > self.max_size:
-            self._cache.popitem(last=False)
-        return out
-
-    def __len__(self) -> int:
-        return len(self._cache)
-
-    def clear(self) -> None:
-        self._cache.clear()
+# Every scorer shares one result type and one base (icthp.scoring); these names stay for existing code.
+BaselineScores = Scores
+BaselineScorer = CheckpointScorer
 
 
 # --------------------------------------------------------------------------------------------- locating
@@ -192,10 +81,10 @@ def resolve_file(
 
 def tiny_random(source: str | os.PathLike | None, name: str) -> str | os.PathLike | None:
     """``tiny-random`` -> the cached untrained weights of baseline ``name`` (generated offline on first use,
-    :func:`icthp.presets.tiny_random_dir`); any other source unchanged."""
-    from ..scoring import _expand_source
+    :func:`icthp.presets.expand_source`); any other source unchanged."""
+    from ..presets import expand_source
 
-    return _expand_source(source, name)
+    return expand_source(source, name)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -263,7 +152,7 @@ def load_clip(
     cfg = clip_config(cfg_dict, where)  # bounds checked here, before anything is built
     state = read_state_dict(weights)
     check_keys(expected_shapes(build_clip(cfg)), state, f"{what} checkpoint {weights}", hint)
-    file_dtype = _float_dtype(state)
+    file_dtype = float_dtypes(state)
     if vision_only:
         state = {k: v for k, v in state.items() if k.startswith(_VISION_PREFIXES)}
     check_finite(state, f"{what} checkpoint {weights}")  # what is used (vision_only: not the text tower)
@@ -273,70 +162,13 @@ def load_clip(
     else:
         model = build_clip(cfg)
     # logit_scale stays float32: in bfloat16, ln(100) rounds to 4.594 and PickScore's exp() to 98.9.
-    _assign(model, state, resolve_dtype(dtype), torch.device(device), fp32_prefixes=("logit_scale",),
-            file_backed=weights.suffix == ".safetensors")
+    assign_weights(model, state, resolve_dtype(dtype), torch.device(device), fp32_prefixes=("logit_scale",),
+                   file_backed=weights.suffix == ".safetensors")
     model.eval().requires_grad_(False)
     return model, config_to_dict(cfg), weights, file_dtype
 
 
-def clip_text_features(model: nn.Module, tokenizer, prompts: list[str], context_length: int,
-                       tokenization: str = "open_clip") -> torch.Tensor:
-    """Projected text features ``[n, P]`` of a ``CLIPModel`` (pooled at the end-of-text token)."""
-    from ..modeling import text_features
-    from ..tokenizer import tokenize
-
-    ids, mask = tokenize(tokenizer, prompts, context_length, tokenization=tokenization)
-    device = model.text_projection.weight.device
-    return text_features(model, ids.to(device), mask.to(device))
-
-
-def context_length(cfg: Mapping[str, Any]) -> int:
-    return int(cfg["text_config"].get("max_position_embeddings", 77))
-
-
 # --------------------------------------------------------------------------------------------- random weights
-
-
-def random_state(module: nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Seeded random values for every tensor of ``module``'s state dict (not ``position_ids``), by module type.
-
-    Scales keep activations O(1) through deep towers, so tiny random models give scores that vary from one
-    image to the next (a parity test on near-constant scores would prove little): layer norms ``1 + N(0, .1)``,
-    linear and convolution weights ``N(0, 1 / fan_in)``, embeddings ``N(0, .02)``, biases ``N(0, .02)``,
-    other parameters (class tokens, positional embeddings) ``N(0, .5)``.
-    """
-    owner = {}
-    for mod_name, mod in module.named_modules():
-        for p_name, _ in mod.named_parameters(recurse=False):
-            owner[f"{mod_name}.{p_name}" if mod_name else p_name] = (mod, p_name)
-    state = {}
-    for key, value in sorted(module.state_dict().items()):
-        if key.endswith("position_ids"):
-            continue
-        shape = value.shape
-        mod, p_name = owner.get(key, (None, key))
-        if isinstance(mod, nn.LayerNorm):
-            t = (1.0 + 0.1 * torch.randn(shape, generator=generator)) if p_name == "weight" else \
-                0.1 * torch.randn(shape, generator=generator)
-        elif p_name == "bias" or isinstance(mod, nn.Embedding):
-            t = 0.02 * torch.randn(shape, generator=generator)
-        elif isinstance(mod, (nn.Linear, nn.Conv2d)):
-            t = math.prod(shape[1:]) ** -0.5 * torch.randn(shape, generator=generator)
-        else:
-            t = 0.5 * torch.randn(shape, generator=generator)
-        state[key] = t.float()
-    return state
-
-
-def random_clip(cfg, seed: int, logit_scale: float = math.log(100.0)):
-    """A ``CLIPModel`` with seeded random weights (CPU, float32) and the given ``logit_scale``."""
-    gen = torch.Generator().manual_seed(seed)
-    model = build_clip(cfg)  # meta: no memory, no initialisation that would be overwritten
-    state = random_state(model, gen)
-    state["logit_scale"] = torch.tensor(float(logit_scale))
-    model.load_state_dict(state, strict=False, assign=True)
-    restore_position_ids(model)
-    return model.eval()
 
 
 def save_clip_directory(model: nn.Module, directory: Path) -> None:

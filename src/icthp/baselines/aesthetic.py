@@ -23,16 +23,15 @@ from torch import nn
 
 from ..checkpoints import (
     CheckpointInfo,
-    _float_dtype,
     check_finite,
     check_keys,
     fetch_directory,
     first_existing,
+    float_dtypes,
     read_state_dict,
 )
 from ..modeling import HPHead, architecture_dict, clip_config
 from ..preprocess import PreprocessConfig
-from ..presets import tiny_random_dir
 from ..registry import TINY_RANDOM, offline_hint
 from ._common import (
     CLIP_HUB_PATTERNS,
@@ -101,7 +100,7 @@ class AestheticScorer(BaselineScorer):
         if clip is None:
             clip = local if (local / "config.json").is_file() else cls.default_clip
         elif str(clip) == TINY_RANDOM:
-            clip = tiny_random_dir("aesthetic") / "clip"
+            clip = Path(tiny_random(clip, "aesthetic")) / "clip"
         # The CLIP is a second download, also for a local MLP: say where a local copy is found by itself.
         where = (f"Put a transformers CLIP ViT-L/14 directory (config.json + model.safetensors) at {local}, "
                  "where it is found by itself, or pass clip=DIR in Python. ")
@@ -119,7 +118,7 @@ class AestheticScorer(BaselineScorer):
         head.load_state_dict({k: v.float().to(device) for k, v in head_state.items()}, assign=True)
         head.eval().requires_grad_(False)
         info = CheckpointInfo("aesthetic", str(source), str(mlp_file.parent), "released", cfg,
-                              f"{file_dtype} (CLIP), {_float_dtype(head_state)} (MLP)",
+                              f"{file_dtype} (CLIP), {float_dtypes(head_state)} (MLP)",
                               is_untrained(mlp_file.parent) or is_untrained(clip_dir),
                               [str(clip_weights), str(mlp_file)])
         return cls(vision, head, info)
@@ -127,9 +126,6 @@ class AestheticScorer(BaselineScorer):
     def image_embeddings(self, inputs: torch.Tensor) -> torch.Tensor:
         """L2-normalised CLIP image embeddings ``[B, 768]`` (float32) of preprocessed inputs."""
         return F.normalize(self.vision(inputs).float(), dim=-1)
-
-    def _components(self, inputs, prompts):
-        return self.scores_from_state(self.image_state(inputs), None)
 
     # No prompt: the score itself is the per-image state icthp bench caches.
     has_image_state = True

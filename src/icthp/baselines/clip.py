@@ -19,22 +19,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoints import CheckpointInfo, fetch_directory, first_existing
 from ..errors import CheckpointError
-from ..modeling import architecture_dict, clip_config, vision_features
+from ..modeling import architecture_dict, clip_config
 from ..preprocess import PreprocessConfig
-from ..registry import offline_hint
-from ..tokenizer import Tokenization, check_tokenization, load_tokenizer
+from ..registry import CLIP_H, offline_hint
+from ..scoring.clip import CLIPCosineScorer
+from ..tokenizer import Tokenization
 from ._common import (
     CLIP_HUB_PATTERNS,
     CLIP_WEIGHTS,
-    BaselineScorer,
-    PromptCache,
-    clip_text_features,
-    context_length,
     is_untrained,
     load_clip,
     random_clip,
@@ -44,82 +40,8 @@ from ._common import (
     write_marker,
 )
 
-CLIP_H = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 PICKSCORE = "yuvalkirstain/PickScore_v1"
 CLIP_SCALES = ("cosine", "clipscore", "x100")
-
-
-class CLIPCosineScorer(BaselineScorer):
-    """A transformers ``CLIPModel`` scoring the cosine between normalised text and image features.
-
-    The base of :class:`CLIPScorer`, :class:`PickScoreScorer` and the HPSv2 scorer, which differ in where
-    the weights come from and in what they make of the cosine.
-
-    Example:
-        >>> clip = CLIPScorer.from_pretrained("clip-h/")  # doctest: +SKIP
-        >>> clip.cosine(inputs, ["a cat"] * len(inputs))  # preprocessed inputs [B, 3, 224, 224]  # doctest: +SKIP
-    """
-
-    #: how prompts become token ids (:mod:`icthp.tokenizer`), as each model's release does: open_clip's
-    #: cleaning for OpenCLIP models (CLIP-H, HPSv2); PickScore's release used transformers' tokenizer.
-    default_tokenization: Tokenization = "open_clip"
-
-    def __init__(self, model: nn.Module, info: CheckpointInfo, preprocess: PreprocessConfig, tokenizer=None,
-                 max_cached_prompts: int = 10_000, tokenization: Tokenization | None = None):
-        super().__init__(preprocess, {"model": model}, info, next(model.vision_model.parameters()).dtype)
-        self.model = model
-        self.context_length = context_length(info.architecture)
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(info.path, self.context_length)
-        self._prompts = PromptCache(self._encode, max_cached_prompts)
-        self.tokenization = tokenization or self.default_tokenization
-
-    @property
-    def tokenization(self) -> Tokenization:
-        """``"open_clip"`` or ``"transformers"`` (see :mod:`icthp.tokenizer`); setting it clears the prompt cache."""
-        return self._tokenization
-
-    @tokenization.setter
-    def tokenization(self, value: Tokenization) -> None:
-        self._tokenization = check_tokenization(value)
-        self._prompts.clear()
-
-    def _encode(self, prompts: list[str]) -> torch.Tensor:
-        return clip_text_features(self.model, self.tokenizer, prompts, self.context_length, self.tokenization)
-
-    def text_embeddings(self, prompts: list[str]) -> torch.Tensor:
-        """Normalised text features ``[B, P]`` (float32), each distinct prompt encoded once, no gradient."""
-        return self._prompts(prompts)
-
-    def image_embeddings(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Normalised image features ``[B, P]`` (float32) of preprocessed inputs ``[B, 3, S, S]``."""
-        return F.normalize(vision_features(self.model, inputs).float(), dim=-1)
-
-    def cosine(self, inputs: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        """``cos(text, image)`` ``[B]`` of preprocessed inputs and one prompt per image."""
-        return (self.image_embeddings(inputs) * self.text_embeddings(prompts)).sum(-1)
-
-    def _from_cosine(self, cos: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The score components made of the cosines ``[B]`` (each subclass's own scale)."""
-        raise NotImplementedError
-
-    def _components(self, inputs, prompts):
-        return self.scores_from_state(self.image_state(inputs), prompts)
-
-    # The normalised image embedding is the prompt-free part: icthp bench caches it once per image.
-    has_image_state = True
-
-    def image_state(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {f"{self.main_component}_image": self.image_embeddings(inputs)}
-
-    def scores_from_state(self, state, prompts):
-        text = self.text_embeddings(prompts)
-        return self._from_cosine((state[f"{self.main_component}_image"].to(text.device) * text).sum(-1))
-
-    def _clear_caches(self) -> None:
-        self._prompts.clear()  # cached prompt embeddings live on the old device
-
-    def _image_towers(self) -> list[nn.Module]:
-        return [self.model.vision_model]
 
 
 def _load_clip_dir(source, what: str, name: str, device, dtype, revision) -> tuple[nn.Module, CheckpointInfo, Path]:

@@ -24,10 +24,10 @@ from torch import nn
 
 from ..checkpoints import (
     CheckpointInfo,
-    _assign,
-    _float_dtype,
+    assign_weights,
     check_finite,
     check_keys,
+    float_dtypes,
     read_state_dict,
     resolve_dtype,
 )
@@ -239,13 +239,13 @@ class HPSv2Scorer(CLIPCosineScorer):
         hint = ("The config.json beside the file does not describe it." if had_config else
                 "No config.json beside the file, so open_clip ViT-H-14 was assumed (the HPS release).")
         state = read_state_dict(weights)
-        file_dtype = _float_dtype(state)
+        file_dtype = float_dtypes(state)
         hf_state = open_clip_to_transformers(state, cfg, f"HPS {version} checkpoint {weights}", hint)
         check_finite(state, f"HPS {version} checkpoint {weights}")  # named by the file's own (open_clip) keys
         del state
         model = build_clip(cfg)
         check_keys(expected_shapes(model), hf_state, "converted HPS state dict")  # the mapping is complete
-        _assign(model, hf_state, resolve_dtype(dtype), torch.device(device), fp32_prefixes=("logit_scale",))
+        assign_weights(model, hf_state, resolve_dtype(dtype), torch.device(device), fp32_prefixes=("logit_scale",))
         model.eval().requires_grad_(False)
         info = CheckpointInfo(f"hpsv2{'' if version == 'v2.0' else '.1'}", str(source), str(weights.parent),
                               "released", config_to_dict(cfg), file_dtype, is_untrained(weights.parent),

@@ -41,11 +41,11 @@ from torch import nn
 
 from ..checkpoints import (
     CheckpointInfo,
-    _assign,
-    _float_dtype,
+    assign_weights,
     check_finite,
     check_keys,
     fetch_directory,
+    float_dtypes,
     read_state_dict,
     resolve_dtype,
 )
@@ -527,11 +527,11 @@ def load_imagereward(
     expected = expected_shapes(model)
     unused = {k: s for k, s in unused_release_shapes(cfg).items() if k in state}
     check_keys({**expected, **unused}, state, f"ImageReward checkpoint {weights}", hint)
-    file_dtype = _float_dtype(state)
+    file_dtype = float_dtypes(state)
     for key in unused:
         del state[key]
     check_finite(state, f"ImageReward checkpoint {weights}")  # what is used: the unused projections are gone
-    _assign(model, state, resolve_dtype(dtype), torch.device(device), fp32_prefixes=("mlp.",))
+    assign_weights(model, state, resolve_dtype(dtype), torch.device(device), fp32_prefixes=("mlp.",))
     model.eval().requires_grad_(False)
     info = CheckpointInfo("imagereward", str(source), str(weights.parent), "released", {"med_config": cfg.med_config()},
                           file_dtype, is_untrained(weights.parent), [str(weights)])

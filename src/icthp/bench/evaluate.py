@@ -4,10 +4,11 @@ For each scorer, every distinct image (by content hash) is run through the model
 prompt-independent state (ICT image embedding, HP logit, ...) goes to the on-disk
 :class:`~icthp.bench.cache.EmbeddingCache`, so re-running, adding a scorer or another prompt recomputes
 nothing already there. Scorers without such a state (e.g. cross-attention models) cache their scores per
-image and prompt instead. Then scores are formed per item and accuracies computed with the protocol given
-(:mod:`icthp.metrics`), which is written into the result.
+image and prompt instead. Then scores are formed per item and accuracies computed (:mod:`.accuracy`) with
+the :class:`Protocol` given, which is written into the result.
 
-Several processes (``accelerate launch``) split the images to compute; the main process writes the result.
+Several processes (``accelerate launch``) split the images to compute, each its :class:`Shard`; the main
+process writes the result.
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ import json
 import logging
 import os
 import platform
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -27,11 +27,14 @@ from typing import Any
 import torch
 
 from .. import __version__
+from ..choices import AGGREGATES, DATA_KINDS, LABEL_TIES, SCORE_TIES
 from ..errors import InputError
-from ..metrics import pair_accuracy, triplet_accuracy
 from ..scores import group_scores
-from ..scoring import ICTHPScorer, Scorer, iter_batches, to_device
-from .cache import EmbeddingCache, content_hash, model_key
+from ..scoring import Scorer
+from .accuracy import check_choice, pair_accuracy, triplet_accuracy
+from .cache import EmbeddingCache
+from .compute import Compute, Images, Shard, cache_jobs, fill_cache, item_components
+from .compute import state_parts as state_parts  # public here before the split
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +72,74 @@ class BenchResult:
     items: list[dict]
     stats: dict[str, dict[str, int]] = field(default_factory=dict)
     sources: dict[str, str | bytes] = field(default_factory=dict, repr=False)
+
+
+# --------------------------------------------------------------------------------------------- protocol
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How a run counts accuracy (docs/bench.md, "Protocols"); written into every result.
+
+    Fields:
+        kind: ``triplet`` (lose, win, refined), ``pair`` (image A, image B, human winner), or ``auto`` before the
+            dataset is read (:func:`run_bench` resolves it from the layout / columns).
+        score_ties: a scorer's exact tie on a strict preference: ``error`` (the paper) or ``half``.
+        label_ties: pairs people judged a tie: ``drop``, ``half`` or ``error`` (pairs only).
+        aggregate: ``pooled`` over items, or ``per_prompt`` (mean over prompts of each prompt's accuracy).
+
+    Allowed values are :mod:`icthp.choices`' ``DATA_KINDS``, ``SCORE_TIES``, ``LABEL_TIES`` and ``AGGREGATES``
+    (the command line's choices); others fail here, before any image is read.
+
+    Example:
+        >>> Protocol("pair", label_ties="half").to_dict()["label_ties"]
+        'half'
+        >>> Protocol("triplet", score_ties="tie")
+        Traceback (most recent call last):
+        ...
+        ValueError: score_ties: expected one of error, half; got 'tie'
+    """
+
+    kind: str = "auto"
+    score_ties: str = "error"
+    label_ties: str = "drop"
+    aggregate: str = "pooled"
+
+    def __post_init__(self) -> None:
+        check_choice("kind", self.kind, DATA_KINDS)
+        check_choice("score_ties", self.score_ties, SCORE_TIES)
+        check_choice("label_ties", self.label_ties, LABEL_TIES)
+        check_choice("aggregate", self.aggregate, AGGREGATES)
+
+    @property
+    def description(self) -> str:
+        """The protocol in words, as written into every result."""
+        if self.kind == "auto":
+            raise ValueError("protocol: the dataset kind is still 'auto'; its words need triplet or pair")
+        ties = ("a scorer's exact tie on a strict preference counts as an error (strictly greater required)"
+                if self.score_ties == "error" else "a scorer's exact tie on a strict preference counts as half right")
+        agg = "pooled over all items" if self.aggregate == "pooled" else "averaged per prompt, then over prompts"
+        if self.kind == "triplet":
+            return (f"Triplets (I1 lose, I2 win, I3 refined) scored against the prompt; columns I2>I1, I3>I2, I3>I1 "
+                    f"are the share of triplets ordered correctly for that pair, Mean their average; {ties}; {agg}. "
+                    f"ICT-HP compares ict * softmax(hp_logit) over the triplet (the released validation).")
+        lt = {"drop": "pairs people judged a tie are left out", "half": "pairs people judged a tie count 0.5",
+              "error": "pairs people judged a tie count as errors"}[self.label_ties]
+        return (f"Pairs (image A, image B, human winner) scored against the prompt; accuracy is the share of pairs "
+                f"the scorer orders like people; {lt}; {ties}; {agg}. ICT-HP compares ict * softmax(hp_logit) over "
+                f"the pair.")
+
+    def to_dict(self) -> dict[str, str | None]:
+        """``results.json``'s ``protocol``: the fields (``label_ties`` None for triplets, where it does not
+        apply), the field images are scored against (``prompt``), and the words."""
+        return {"kind": self.kind, "score_ties": self.score_ties,
+                "label_ties": self.label_ties if self.kind == "pair" else None, "aggregate": self.aggregate,
+                "prompt": "prompt", "description": self.description}
+
+
+def protocol_description(kind: str, score_ties: str, label_ties: str, aggregate: str) -> str:
+    """The protocol in words, as written into every result (:attr:`Protocol.description`)."""
+    return Protocol(kind, score_ties, label_ties, aggregate).description
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -135,173 +206,29 @@ def load_items(source: str | os.PathLike, *, kind: str = "auto", split: str | No
     return kind, items
 
 
-# --------------------------------------------------------------------------------------------- computing
+@dataclass
+class _Dataset:
+    """What a run reads: where from (``source``, ``split``), its rows and their distinct images."""
+
+    source: str | os.PathLike
+    split: str | None
+    items: list[BenchItem]
+    images: Images
+
+    def summary(self) -> dict[str, Any]:
+        """``results.json``'s ``dataset``."""
+        return {"path": str(self.source), "rows": len(self.items), "split": self.split,
+                "images": len(self.images.source), "fingerprint": dataset_fingerprint(self.items, self.images)}
 
 
-def _process_state() -> tuple[int, int]:
-    """``(rank, world)`` from the launcher's environment (``accelerate launch`` / torchrun); ``(0, 1)`` otherwise.
-
-    No process group is needed: the processes share work through the cache file, so none of them depends on
-    a collective (whose teardown races are what make multi-process CPU runs flaky).
-    """
-    return int(os.environ.get("RANK", "0")), max(1, int(os.environ.get("WORLD_SIZE", "1")))
-
-
-def _owner(key: str, world: int) -> int:
-    """Which process computes an image: by its content hash, so every process agrees whatever the cache
-    already holds when it looks."""
-    return int(key[:8], 16) % world
-
-
-class _Images:
-    """Distinct images of a dataset by content hash, with one source (path or bytes) each."""
-
-    def __init__(self, items: Sequence[BenchItem], num_workers: int):
-        from concurrent.futures import ThreadPoolExecutor
-
-        refs: dict[Any, None] = {}
-        for item in items:
-            for im in item.images:
-                refs.setdefault(im if isinstance(im, str) else bytes(im), None)
-        ordered = list(refs)
-
-        def digest(ref):
-            try:
-                return content_hash(ref)
-            except OSError as exc:
-                raise InputError(f"image {ref}: {exc.strerror or exc}") from None
-
-        with ThreadPoolExecutor(max(1, num_workers)) as pool:
-            hashes = list(pool.map(digest, ordered))
-        self.hash_of = dict(zip(ordered, hashes, strict=True))
-        self.source: dict[str, Any] = {}
-        for ref, h in zip(ordered, hashes, strict=True):
-            self.source.setdefault(h, ref)
-
-    def key(self, image: str | bytes) -> str:
-        return self.hash_of[image if isinstance(image, str) else bytes(image)]
-
-
-def _fill_cache(model: Scorer, state: bool, mkey: str, keys: list[tuple[str, str]], images: _Images,
-                cache: EmbeddingCache, batch_size: int, workers: int, advance, rank: int, world: int,
-                wait_timeout_s: float) -> tuple[int, int]:
-    """Compute and store what ``keys`` (``(image hash, prompt)``; prompt ``""`` for image state) lack in the
-    cache: this process's share of it. With ``state`` the scorer's prompt-free :meth:`image_state` is stored,
-    otherwise its components per image and prompt. The main process then waits for the other shares.
-
-    Entries that fail verification (damaged on disk) are deleted first and computed again like missing ones.
-
-    Returns ``(cached before, computed here, damaged entries dropped here)``.
-    """
-    dropped = cache.drop_invalid(mkey, keys)
-    missing = _absent(cache, mkey, keys)
-    mine = [k for k in missing if _owner(k[0], world) == rank]
-    tick = advance(len(mine))
-    with torch.inference_mode():
-        for batch in iter_batches([images.source[h] for h, _ in mine], model.preprocess, batch_size, workers):
-            if batch.errors:
-                raise batch.errors[0][1]
-            sub = [mine[i] for i in batch.indices]
-            x = to_device(batch.pixel_values, model.device)
-            if state:
-                values = model.in_micro_batches(lambda xs, _: model.image_state(xs), x)
-            else:
-                values = model.components(x, [p for _, p in sub] if model.needs_prompt else None)
-            cache.put(mkey, [h for h, _ in sub], values, prompts=[p for _, p in sub])
-            tick(len(sub))
-    if world > 1 and rank == 0:
-        deadline = time.monotonic() + wait_timeout_s
-        while still := _absent(cache, mkey, missing):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"other processes did not store their {len(still)} missing entries "
-                                   f"within {wait_timeout_s:.0f} s (did one of them fail?)")
-            time.sleep(0.5)
-    return len(keys) - len(missing), len(mine), dropped
-
-
-def _absent(cache: EmbeddingCache, mkey: str, keys: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    have = cache.present(mkey, keys)  # one query for all keys, not one per key
-    return [k for k in keys if k not in have]
-
-
-def _item_components(scorer: Scorer, mkey: str | None, items: Sequence[BenchItem], images: _Images,
-                     cache: EmbeddingCache) -> dict[str, torch.Tensor]:
-    """Every component for every (item, image): ``{name: Tensor[n_items, k]}``."""
-    k = len(items[0].images)
-    flat_hashes = [images.key(im) for item in items for im in item.images]
-    flat_prompts = [item.prompt for item in items for _ in item.images]
-    out: dict[str, torch.Tensor] = {}
-    if scorer.has_image_state:
-        states: dict[str, dict[str, torch.Tensor]] = {}
-        distinct = list(dict.fromkeys(flat_hashes))
-        for part in state_parts(scorer):
-            rows = cache.get(model_key(part), distinct)
-            _require_all(cache, len(distinct) - len(rows))
-            for h, row in rows.items():
-                states.setdefault(h, {}).update(row)
-        chunk = 8192
-        with torch.inference_mode():
-            for start in range(0, len(flat_hashes), chunk):
-                hs = flat_hashes[start : start + chunk]
-                state = {name: torch.stack([states[h][name] for h in hs]).to(scorer.device) for name in states[hs[0]]}
-                prompts = flat_prompts[start : start + chunk] if scorer.needs_prompt else None
-                for name, v in scorer.scores_from_state(state, prompts).items():
-                    out.setdefault(name, []).append(v.float().cpu())  # type: ignore[arg-type]
-    else:
-        prompts = flat_prompts if scorer.needs_prompt else [""] * len(flat_prompts)
-        rows = cache.get(mkey, flat_hashes, prompts)
-        _require_all(cache, len(set(zip(flat_hashes, prompts, strict=True))) - len(rows))
-        names = list(rows[(flat_hashes[0], prompts[0])])
-        for name in names:
-            out[name] = [torch.stack([rows[(h, p)][name] for h, p in zip(flat_hashes, prompts, strict=True)])]
-    return {name: torch.cat(parts).reshape(len(items), k) for name, parts in out.items()}  # type: ignore[arg-type]
-
-
-def _require_all(cache: EmbeddingCache, unreadable: int) -> None:
-    """Entries verified and filled a moment ago may still fail to read back (the file damaged meanwhile, or
-    another process's share missing): say so instead of failing on a missing key."""
-    if unreadable:
-        raise RuntimeError(f"{unreadable} cache entries could not be read back from {cache.path} after they were "
-                           "computed (damaged meanwhile?); run the benchmark again")
-
-
-def state_parts(scorer: Scorer) -> list[Scorer]:
-    """The networks whose image state is cached separately: ICT-HP's ICT and HP parts are shared with the
-    ``ict`` and ``hp`` scorers, so benchmarking all three runs each tower once."""
-    if isinstance(scorer, ICTHPScorer):
-        return [scorer.ict, scorer.hp]
-    return [scorer]
-
-
-def item_scores(scorer: Scorer, components: dict[str, torch.Tensor]) -> tuple[str, torch.Tensor]:
-    """The score each item's images are compared by: ICT-HP uses the released group rule
-    ``ict * softmax(hp_logit)`` over the item's images; any other scorer its main component."""
-    return group_scores(components, scorer.main_component, dim=-1)
-
-
-# --------------------------------------------------------------------------------------------- the benchmark
-
-
-def protocol_description(kind: str, score_ties: str, label_ties: str, aggregate: str) -> str:
-    """The protocol in words, as written into every result."""
-    ties = ("a scorer's exact tie on a strict preference counts as an error (strictly greater required)"
-            if score_ties == "error" else "a scorer's exact tie on a strict preference counts as half right")
-    agg = "pooled over all items" if aggregate == "pooled" else "averaged per prompt, then over prompts"
-    if kind == "triplet":
-        return (f"Triplets (I1 lose, I2 win, I3 refined) scored against the prompt; columns I2>I1, I3>I2, I3>I1 "
-                f"are the share of triplets ordered correctly for that pair, Mean their average; {ties}; {agg}. "
-                f"ICT-HP compares ict * softmax(hp_logit) over the triplet (the released validation).")
-    lt = {"drop": "pairs people judged a tie are left out", "half": "pairs people judged a tie count 0.5",
-          "error": "pairs people judged a tie count as errors"}[label_ties]
-    return (f"Pairs (image A, image B, human winner) scored against the prompt; accuracy is the share of pairs the "
-            f"scorer orders like people; {lt}; {ties}; {agg}. ICT-HP compares ict * softmax(hp_logit) over the pair.")
-
-
-def dataset_fingerprint(items: Sequence[BenchItem], images: _Images) -> str:
+def dataset_fingerprint(items: Sequence[BenchItem], images: Images) -> str:
     h = hashlib.sha256()
     for item in items:
         h.update(json.dumps([item.prompt, [images.key(im) for im in item.images], item.winner]).encode())
     return "sha256:" + h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------- the benchmark
 
 
 def run_bench(
@@ -315,72 +242,69 @@ def run_bench(
     score_ties: str = "error",
     label_ties: str = "drop",
     aggregate: str = "pooled",
+    protocol: Protocol | None = None,
     cache_dir: str | os.PathLike | None = None,
     batch_size: int = 32,
     num_workers: int | None = None,
     published: bool = False,
     descriptions: dict[str, dict] | None = None,
     progress: Callable[[str, int], Callable[[int], None]] | None = None,
+    shard: Shard | None = None,
     wait_timeout_s: float = 24 * 3600.0,
 ) -> BenchResult:
     """Accuracy of ``scorers`` (``{name: Scorer}``) on a triplet or pair dataset.
 
     Args:
         source: released Pick-High root, triplet manifest, or pair manifest (icthp or Pick-a-Pic columns).
-        kind: ``auto`` (from the columns), ``triplet`` or ``pair``.
-        score_ties, label_ties, aggregate: the protocol (:mod:`icthp.metrics`); written into the result.
+        kind, score_ties, label_ties, aggregate: the :class:`Protocol`'s fields (``kind``: ``auto`` from the
+            columns, ``triplet`` or ``pair``), or ``protocol`` in one piece; written into the result.
         cache_dir: the embedding cache (default ``$ICTHP_CACHE/bench``).
         published: add the paper's Pick-High numbers to the result, for reference.
         descriptions: per scorer, extra fields for the result (``source``, ``untrained``, ``description``).
         progress: ``progress(label, total) -> advance(n)`` (e.g. a progress bar factory).
+        shard: this process's share of a multi-process run (default: :meth:`Shard.from_env`); a process other
+            than the main one returns ``{"processes", "rank"}`` and its cache counts only.
         wait_timeout_s: with several processes, how long the main one waits for the others' shares.
 
     Example:
         >>> scorers = {"ict-hp": icthp.load("ict-hp"), "hp": icthp.load("hp")}  # doctest: +SKIP
         >>> res = run_bench("Pick-High-Dataset", scorers, split="test", allow_pickle=True)  # doctest: +SKIP
         >>> res.result["accuracy"]["ict-hp"]["mean"]  # doctest: +SKIP
+        >>> run_bench("pairs.parquet", scorers, protocol=Protocol("pair", label_ties="half"))  # doctest: +SKIP
     """
     from ..presets import cache_dir as icthp_cache_dir
 
     if not scorers:
         raise ValueError("scorers: expected at least one")
-    metrics_args = dict(score_ties=score_ties, aggregate=aggregate)
-    kind, items = load_items(source, kind=kind, split=split, limit=limit, allow_pickle=allow_pickle)
+    fields = Protocol(kind, score_ties, label_ties, aggregate)
+    if protocol is not None and fields != Protocol():
+        raise ValueError("protocol: give it either as protocol= or as kind=, score_ties=, label_ties=, aggregate=")
+    protocol = protocol or fields
+    found, items = load_items(source, kind=protocol.kind, split=split, limit=limit, allow_pickle=allow_pickle)
+    protocol = replace(protocol, kind=found)
     workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
-    images = _Images(items, workers)
-    rank, world = _process_state()
-    progress = progress or (lambda label, total: (lambda n: None))
+    compute = Compute(batch_size, workers, shard or Shard.from_env(), wait_timeout_s,
+                      progress or (lambda label, total: (lambda n: None)))
+    data = _Dataset(source, split, items, Images(items, workers))
     stats: dict[str, dict[str, int]] = {}
     components: dict[str, dict[str, torch.Tensor]] = {}
     with EmbeddingCache(cache_dir or icthp_cache_dir() / "bench") as cache:
         for name, scorer in scorers.items():
-            entries = cached = computed = recomputed = 0
-            if scorer.has_image_state:
-                jobs = [(part, True, model_key(part), [(h, "") for h in images.source], f"{name}: {part.name} images")
-                        for part in state_parts(scorer)]
-                mkey = None
-            else:
-                mkey = model_key(scorer)
-                keys = list(dict.fromkeys((images.key(im), item.prompt if scorer.needs_prompt else "")
-                                          for item in items for im in item.images))
-                jobs = [(scorer, False, mkey, keys, f"{name}: image-prompt pairs")]
-            for model, state, key, wanted, label in jobs:
-                before, done, dropped = _fill_cache(model, state, key, wanted, images, cache, batch_size, workers,
-                                                    lambda total, label=label: progress(label, total), rank, world,
-                                                    wait_timeout_s)
-                entries, cached, computed = entries + len(wanted), cached + before, computed + done
-                recomputed += dropped
-            stats[name] = {"entries": entries, "cached": cached, "computed": computed, "recomputed": recomputed}
-            _report_damage(name, recomputed, cache)
-            if rank == 0:
-                components[name] = _item_components(scorer, mkey, items, images, cache)
-    if rank != 0:  # this process's share is in the cache; the main process summarises
-        return BenchResult({"processes": world, "rank": rank}, [], stats)
-    res = _summarise(source, kind, split, items, images, scorers, components, stats, published, descriptions,
-                     metrics_args, label_ties)
+            jobs = cache_jobs(name, scorer, data.items, data.images)
+            counts = [fill_cache(job, data.images, cache, compute) for job in jobs]
+            stats[name] = {key: sum(c[key] for c in counts) for key in ("entries", "cached", "computed", "recomputed")}
+            _report_damage(name, stats[name]["recomputed"], cache)
+            if compute.shard.is_main:
+                components[name] = item_components(scorer, jobs, data.items, data.images, cache)
+    if not compute.shard.is_main:  # this process's share is in the cache; the main process summarises
+        return BenchResult({"processes": compute.shard.world_size, "rank": compute.shard.rank}, [], stats)
+    result, rows = _summarise(data, protocol, scorers, components, descriptions or {})
+    result["cache"] = stats
+    if published and protocol.kind == "triplet":
+        result["published"] = dict(PUBLISHED_PICK_HIGH)
     # "computed" counts this process's share; with several processes the others computed the rest.
-    res.result["processes"] = world
-    return res
+    result["processes"] = compute.shard.world_size
+    return BenchResult(result, rows, stats, data.images.source)
 
 
 def _report_damage(name: str, recomputed: int, cache: EmbeddingCache) -> None:
@@ -395,61 +319,69 @@ def _report_damage(name: str, recomputed: int, cache: EmbeddingCache) -> None:
                      "y" if recomputed == 1 else "ies", cache.path, "was" if recomputed == 1 else "were")
 
 
-def _summarise(source, kind, split, items, images, scorers, components, stats, published, descriptions,
-               metrics_args, label_ties) -> BenchResult:
-    score_ties, aggregate = metrics_args["score_ties"], metrics_args["aggregate"]
-    prompts = [item.prompt for item in items]
-    accuracy: dict[str, dict] = {}
-    scorer_rows = []
-    compared: dict[str, torch.Tensor] = {}
-    for name, scorer in scorers.items():
-        column, scores = item_scores(scorer, components[name])
-        compared[name] = scores
-        if kind == "triplet":
-            acc = triplet_accuracy(scores, groups=prompts, **metrics_args)
-            acc["n"] = len(items)
-        else:
-            acc = pair_accuracy(scores[:, 0], scores[:, 1], [item.winner for item in items], label_ties=label_ties,
-                                groups=prompts, **metrics_args)
-        accuracy[name] = acc
-        info = {"name": name, "column": column, "class": type(scorer).__name__,
-                "dtype": str(scorer.dtype).replace("torch.", ""), "device": str(scorer.device),
-                **(descriptions or {}).get(name, {})}
-        info.setdefault("untrained", False)
-        scorer_rows.append(info)
-    out_items = []
-    roles = TRIPLET_ROLES if kind == "triplet" else PAIR_ROLES
-    for i, item in enumerate(items):
-        row: dict[str, Any] = {"row": item.row, "prompt": item.prompt}
-        for role, im in zip(roles, item.images, strict=True):
-            row[role] = im if isinstance(im, str) else None  # embedded bytes stay out of items.jsonl
-            row[f"{role}_sha256"] = images.key(im)
-        if kind == "pair":
-            row["winner"] = item.winner
-        row["scores"] = {name: [float(x) for x in compared[name][i]] for name in scorers}
-        row["components"] = {name: {c: [float(x) for x in v[i]] for c, v in components[name].items()}
-                             for name in scorers}
-        out_items.append(row)
+def _summarise(data: _Dataset, protocol: Protocol, scorers: dict[str, Scorer],
+               components: dict[str, dict[str, torch.Tensor]], descriptions: dict[str, dict]) -> tuple[dict, list[dict]]:
+    """``results.json`` up to its cache counts, and the rows of ``items.jsonl``."""
     import transformers
 
+    compared: dict[str, torch.Tensor] = {}
+    accuracy: dict[str, dict] = {}
+    scorer_rows = []
+    for name, scorer in scorers.items():
+        column, compared[name] = item_scores(scorer, components[name])
+        accuracy[name] = _accuracy(protocol, compared[name], data.items)
+        info = {"name": name, "column": column, "class": type(scorer).__name__,
+                "dtype": str(scorer.dtype).replace("torch.", ""), "device": str(scorer.device),
+                **descriptions.get(name, {})}
+        info.setdefault("untrained", False)
+        scorer_rows.append(info)
     result = {
         "icthp_version": __version__,
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "kind": kind,
-        "protocol": {"kind": kind, "score_ties": score_ties, "label_ties": label_ties if kind == "pair" else None,
-                     "aggregate": aggregate, "prompt": "prompt",
-                     "description": protocol_description(kind, score_ties, label_ties, aggregate)},
-        "dataset": {"path": str(source), "rows": len(items), "split": split,
-                    "images": len(images.source), "fingerprint": dataset_fingerprint(items, images)},
+        "kind": protocol.kind,
+        "protocol": protocol.to_dict(),
+        "dataset": data.summary(),
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
                         "transformers": transformers.__version__, "platform": platform.platform()},
         "scorers": scorer_rows,
         "accuracy": accuracy,
-        "cache": stats,
     }
-    if published and kind == "triplet":
-        result["published"] = {k: v for k, v in PUBLISHED_PICK_HIGH.items()}
-    return BenchResult(result, out_items, stats, images.source)
+    return result, _item_rows(data, protocol.kind, compared, components)
+
+
+def item_scores(scorer: Scorer, components: dict[str, torch.Tensor]) -> tuple[str, torch.Tensor]:
+    """The score each item's images are compared by: ICT-HP uses the released group rule
+    ``ict * softmax(hp_logit)`` over the item's images; any other scorer its main component."""
+    return group_scores(components, scorer.main_component, dim=-1)
+
+
+def _accuracy(protocol: Protocol, scores: torch.Tensor, items: Sequence[BenchItem]) -> dict:
+    """One scorer's accuracy under ``protocol``; ``scores``: ``[n_items, k]``, compared within each item."""
+    prompts = [item.prompt for item in items]
+    if protocol.kind == "triplet":
+        acc = triplet_accuracy(scores, score_ties=protocol.score_ties, aggregate=protocol.aggregate, groups=prompts)
+        return {**acc, "n": len(items)}
+    return pair_accuracy(scores[:, 0], scores[:, 1], [item.winner for item in items], label_ties=protocol.label_ties,
+                         score_ties=protocol.score_ties, aggregate=protocol.aggregate, groups=prompts)
+
+
+def _item_rows(data: _Dataset, kind: str, compared: dict[str, torch.Tensor],
+               components: dict[str, dict[str, torch.Tensor]]) -> list[dict]:
+    """Per item: the prompt, each image's path and hash, the label, and every scorer's scores and components."""
+    rows = []
+    roles = TRIPLET_ROLES if kind == "triplet" else PAIR_ROLES
+    for i, item in enumerate(data.items):
+        row: dict[str, Any] = {"row": item.row, "prompt": item.prompt}
+        for role, im in zip(roles, item.images, strict=True):
+            row[role] = im if isinstance(im, str) else None  # embedded bytes stay out of items.jsonl
+            row[f"{role}_sha256"] = data.images.key(im)
+        if kind == "pair":
+            row["winner"] = item.winner
+        row["scores"] = {name: [float(x) for x in scores[i]] for name, scores in compared.items()}
+        row["components"] = {name: {c: [float(x) for x in v[i]] for c, v in parts.items()}
+                             for name, parts in components.items()}
+        rows.append(row)
+    return rows
 
 
 def write_bench(result: BenchResult, output_dir: str | os.PathLike, *, html: bool = True) -> dict[str, Path]:

@@ -1,21 +1,26 @@
-"""Typed configuration of ``icthp finetune`` (YAML + ``key=value`` overrides, saved with every checkpoint)."""
+"""Typed configuration of ``icthp finetune`` (YAML + ``key=value`` overrides, saved with every checkpoint; the
+machinery is shared with ``icthp train``'s config: :mod:`icthp.run_config`)."""
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import InputError
+from ..run_config import RunConfig, load_run_config
+from ..run_config import config_field as _f  # one per field below
 
-
-def _f(default: Any, help: str):
-    return field(default=default, metadata={"help": help})
+#: Fields that may change when resuming (everything else must match the saved run); ``output_dir`` is where
+#: the run is found (it may have been moved, or be named by another spelling of its path).
+RESUME_FREE = frozenset({"max_steps", "eval_every", "save_every", "keep_last", "log_every", "report_to",
+                         "early_stop_patience", "early_stop_min_delta", "output_dir"})
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(RunConfig):
     """Everything a DRaFT-K run depends on. Defaults: SD3.5-Large-Turbo (4 steps, no guidance), ICT-HP reward."""
+
+    resume_free = RESUME_FREE
 
     pipeline: str = _f("stabilityai/stable-diffusion-3.5-large-turbo",
                        "diffusers pipeline: hub id or directory (SD3-style transformer or UNet Stable Diffusion), or "
@@ -59,9 +64,6 @@ class FinetuneConfig:
     log_every: int = _f(1, "log every N optimiser steps")
     report_to: str = _f("none", "none | tensorboard | wandb")
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     def validate(self) -> FinetuneConfig:
         """Check every field (a tiny pipeline name, ``pipeline=tiny-random-sd3`` / ``tiny-random-sd``, stays a
         name here: :func:`icthp.finetune.tiny.resolve_pipeline` finds it when the pipeline loads)."""
@@ -88,12 +90,6 @@ class FinetuneConfig:
         return self
 
 
-#: Fields that may change when resuming (everything else must match the saved run); ``output_dir`` is where
-#: the run is found (it may have been moved, or be named by another spelling of its path).
-RESUME_FREE = frozenset({"max_steps", "eval_every", "save_every", "keep_last", "log_every", "report_to",
-                         "early_stop_patience", "early_stop_min_delta", "output_dir"})
-
-
 def load_finetune_config(path=None, overrides: list[str] | None = None, *, validate: bool = True,
                          resume: bool = False, **kwargs: Any) -> FinetuneConfig:
     """YAML file + ``key=value`` overrides + keyword arguments -> :class:`FinetuneConfig`.
@@ -106,7 +102,4 @@ def load_finetune_config(path=None, overrides: list[str] | None = None, *, valid
         >>> cfg.k, cfg.max_steps, cfg.reward
         (1, 10, 'ict-hp')
     """
-    from ..train_config import load_run_config
-
-    return load_run_config(FinetuneConfig, path, overrides, validate=validate, resume=resume, free=RESUME_FREE,
-                           **kwargs)
+    return load_run_config(FinetuneConfig, path, overrides, validate=validate, resume=resume, **kwargs)

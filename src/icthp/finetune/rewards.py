@@ -121,6 +121,32 @@ def _as_pixels(images) -> torch.Tensor:
     return images.float().clamp(0, 1)
 
 
+def parse_reward_weights(text: str | None) -> dict[str, str]:
+    """``reward_weights`` (``"pickscore=DIR,aesthetic=tiny-random"``) -> ``{name: weights}``, each item read by
+    :func:`icthp.registry.parse_model_arg` (unknown names list the valid baselines).
+
+    Example:
+        >>> parse_reward_weights("pickscore=/m/ps, aesthetic=tiny-random")
+        {'pickscore': '/m/ps', 'aesthetic': 'tiny-random'}
+    """
+    from ..errors import InputError
+    from ..registry import parse_model_arg
+
+    out = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        if "=" not in item:
+            raise InputError(f"reward_weights: {item.strip()!r} has no weights; expected name=WEIGHTS items, e.g. "
+                             "pickscore=DIR,aesthetic=tiny-random")
+        try:
+            name, weights = parse_model_arg(item, "baseline")
+        except ValueError as exc:
+            raise InputError(f"reward_weights: {exc}") from None
+        out[name] = weights
+    return out
+
+
 def load_reward(spec: str, *, ict: str | None = None, hp: str | None = None, weights: dict[str, str] | None = None,
                 device: str | torch.device = "cpu", dtype=None) -> Reward:
     """Build a :class:`Reward` from a spec (``"ict-hp"``, ``"hp:1,aesthetic:0.1"``); ``ict``/``hp`` locate the

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -34,11 +33,21 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..files import honour_umask
+from ..files import atomic_directory
 from ..registry import TINY_RANDOM
-from .config import RESUME_FREE, FinetuneConfig
+from ..run_config import SAVED_CONFIG, save_config
+from ..runs import (
+    RunLog,
+    check_resume,
+    latest_checkpoint,
+    prune_checkpoints,
+    resume_latest,
+    save_checkpoint,
+    step_name,
+)
+from .config import FinetuneConfig
 from .draft import DraftSampler, denoiser_of, pipeline_kind
-from .rewards import Reward, load_reward
+from .rewards import Reward, load_reward, parse_reward_weights
 
 logger = logging.getLogger(__name__)
 
@@ -133,20 +142,17 @@ def lora_state_dict(pipe) -> dict[str, torch.Tensor]:
 
 
 def save_lora(pipe, directory: Path, metadata: dict | None = None) -> Path:
-    """Write the LoRA in diffusers' format (``pipe.load_lora_weights(directory)`` reads it), atomically;
-    ``metadata`` (provenance: the weights it was tuned with) goes beside it in ``icthp.json``."""
-    tmp = directory.with_name(f".{directory.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    """Write the LoRA in diffusers' format (``pipe.load_lora_weights(directory)`` reads it), atomically (an
+    existing LoRA there is replaced); ``metadata`` (provenance: the weights it was tuned with) goes beside it in
+    ``icthp.json``."""
     state = lora_state_dict(pipe)
-    if pipeline_kind(pipe) == "sd3":
-        type(pipe).save_lora_weights(tmp, transformer_lora_layers=state)
-    else:
-        type(pipe).save_lora_weights(tmp, unet_lora_layers=state)
-    if metadata is not None:
-        (tmp / LORA_METADATA).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
-    honour_umask(tmp)  # safetensors writes its files 0600
-    shutil.rmtree(directory, ignore_errors=True)
-    tmp.rename(directory)
+    with atomic_directory(directory) as tmp:
+        if pipeline_kind(pipe) == "sd3":
+            type(pipe).save_lora_weights(tmp, transformer_lora_layers=state)
+        else:
+            type(pipe).save_lora_weights(tmp, unet_lora_layers=state)
+        if metadata is not None:
+            (tmp / LORA_METADATA).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
     return directory
 
 
@@ -200,6 +206,16 @@ def evaluate_images(images: torch.Tensor, prompts: list[str], reward: Reward, mo
     if m is not None:
         out["heldout/monitor"] = m.mean().item()
     return out
+
+
+def evaluate(sampler: DraftSampler, heldout: HeldOut, reward: Reward, monitor: Reward | None, batch: int,
+             grid: Path) -> dict:
+    """Held-out evaluation of the model as it is now: images of the held-out prompts at their fixed seeds,
+    their mean reward, monitor score and JPEG size; the base | tuned grid goes to ``grid``. Main process only."""
+    images = sample_heldout(sampler, heldout, batch)
+    metrics = evaluate_images(images, heldout.prompts, reward, monitor)
+    save_grid(heldout.base_images, images, grid, heldout.prompts)
+    return metrics
 
 
 def save_grid(base: torch.Tensor, tuned: torch.Tensor, path: Path, prompts: list[str], limit: int = 8) -> None:
@@ -329,6 +345,35 @@ def _log_warnings(cfg: FinetuneConfig) -> None:
                        cfg.max_steps // 10)
 
 
+def compute_loss(sampler: DraftSampler, reward: Reward, prompts: list[str], generator: torch.Generator,
+                 cfg: FinetuneConfig) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+    """DRaFT-K loss of one micro-batch: images sampled for ``prompts`` with gradients through the last K steps,
+    ``-mean(reward)`` (each sample's reward clipped to ``reward_clip_min`` / ``reward_clip_max`` when set), plus
+    ``kl_weight`` times the distance to the base model's prediction at those steps.
+
+    Returns the loss, the rewards ``[B]`` (unclipped, with their graph) and the distance (None without ``kl_weight``).
+    """
+    images = sampler.sample(prompts, generator)
+    r = reward(images, prompts)
+    clipped = r.clamp(min=cfg.reward_clip_min, max=cfg.reward_clip_max) \
+        if cfg.reward_clip_min is not None or cfg.reward_clip_max is not None else r
+    loss = -clipped.mean()
+    if cfg.kl_weight > 0:
+        return loss + cfg.kl_weight * sampler.regularization, r, float(sampler.regularization.detach())
+    return loss, r, None
+
+
+def save(accelerator, pipe, out: Path, cfg: FinetuneConfig, state: dict, lora_metadata: dict) -> None:
+    """Checkpoint step ``state["step"]`` (every process calls this): the training state, the loop's ``state``
+    (step, early stopping) and the LoRA with its metadata; keep the last ``keep_last`` checkpoints."""
+    accelerator.wait_for_everyone()
+    path = save_checkpoint(accelerator, out, state, cfg)
+    if accelerator.is_main_process:
+        save_lora(pipe, path / "lora", lora_metadata)
+        prune_checkpoints(out, cfg.keep_last)
+    accelerator.wait_for_everyone()
+
+
 def finetune(cfg: FinetuneConfig, *, resume: bool = False, pipe=None, reward: Reward | None = None,
              monitor: Reward | None = None, stop_after: int | None = None) -> dict:
     """Run DRaFT-K fine-tuning; returns the summary (also written to ``summary.json``).
@@ -345,8 +390,6 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, pipe=None, reward: Re
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
     from tqdm.auto import tqdm
 
-    from ..train_config import check_resumable, keep_log_through, save_config
-
     cfg.validate()
     cuda = torch.cuda.is_available()
     precision = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if cuda else "no")
@@ -358,17 +401,16 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, pipe=None, reward: Re
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     out = Path(cfg.output_dir)
-    ckpt_root = out / "checkpoints"
-    saved = out / "config.json"
-    if out.exists() and any(ckpt_root.glob("step-*")) and not resume:
+    if not resume and latest_checkpoint(out) is not None:
         raise InputError(f"{out} already has checkpoints: pass --resume to continue, or use another output_dir")
-    if resume and saved.is_file():
-        check_resumable(json.loads(saved.read_text()), cfg, RESUME_FREE)
+    if resume:
+        check_resume(out, cfg)
     if accelerator.is_main_process:
         _log_warnings(cfg)
     set_seed(cfg.seed)
     train_prompts, held_prompts = split_prompts(cfg)
 
+    # ---- models: the pipeline's frozen parts in the mixed-precision dtype, LoRA on its denoiser; the rewards
     pipeline_source = None if pipe is not None else cfg.pipeline
     if pipe is None:
         pipe = load_pipeline(cfg.pipeline, weight_dtype)
@@ -385,7 +427,7 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, pipe=None, reward: Re
         denoiser.enable_gradient_checkpointing()
     denoiser.train()
     reward_dtype = "bfloat16" if cuda and precision == "bf16" else "float32"
-    weights = dict(s.split("=", 1) for s in (cfg.reward_weights or "").split(",") if "=" in s)
+    weights = parse_reward_weights(cfg.reward_weights)
     if reward is None:
         reward = load_reward(cfg.reward, ict=cfg.ict, hp=cfg.hp, weights=weights, device=device, dtype=reward_dtype)
     if monitor is None and cfg.monitor and cfg.monitor != "none":
@@ -400,11 +442,9 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, pipe=None, reward: Re
                    "meaningless reward (for tests and demos only)")
         if accelerator.is_main_process:
             logger.warning(warning)
+    about = {"weights": provenance, "untrained": bool(untrained), **({"warning": warning} if warning else {})}
 
-    def lora_metadata(step: int) -> dict:
-        return {"steps": step, "config": cfg.to_dict(), "weights": provenance, "untrained": bool(untrained),
-                **({"warning": warning} if warning else {})}
-
+    # ---- optimiser (constant learning rate after a linear warm-up) and sampler
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
@@ -414,70 +454,44 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, pipe=None, reward: Re
     sampler.denoiser = denoiser  # the (possibly DDP-wrapped) module the optimiser sees
     sampler.regularize = cfg.kl_weight > 0
 
+    # ---- where the run starts: step 0, or the latest checkpoint (with its early-stopping state)
     state = {"step": 0, "best_monitor": -math.inf, "evals_since_best": 0, "stopped_early": False}
-    latest = sorted(ckpt_root.glob("step-*"))
-    if resume and latest:
-        accelerator.load_state(str(latest[-1]))
-        state.update(json.loads((latest[-1] / "icthp_state.json").read_text()))
-        if accelerator.is_main_process:
-            tqdm.write(f"resumed from step {state['step']} (checkpoint {latest[-1]})")
+    resumed = resume_latest(accelerator, out) if resume else None
+    state.update(resumed or {})
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, saved)
-    log_path = out / "log.jsonl"
-    if accelerator.is_main_process and not resume:
-        log_path.write_text("")
-    elif accelerator.is_main_process:
+        save_config(cfg, out / SAVED_CONFIG)
+    log = RunLog(out / "log.jsonl", accelerator, cfg.report_to)
+    if resume:
         # Rows after the checkpoint were written by the run that died: they are logged again from here. Without
         # a checkpoint the run starts over, so nothing of the old log stays.
-        keep_log_through(log_path, state["step"] if latest else None)
-
-    def log(row: dict) -> None:
-        if accelerator.is_main_process:
-            with log_path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
-        if cfg.report_to != "none":
-            accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row["step"])
+        log.resume_at(state["step"] if resumed is not None else None)
+    else:
+        log.start_empty()
 
     heldout = HeldOut(held_prompts, [10_000 + i for i in range(len(held_prompts))])
-    unwrapped = accelerator.unwrap_model(denoiser)
+    samples = out / "samples"
     if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(denoiser)
         unwrapped.disable_adapters()  # the base model's held-out samples, once: the left column of every grid
         heldout.base_images = sample_heldout(sampler, heldout, cfg.batch_size)
         unwrapped.enable_adapters()
-
-    def evaluate(step: int) -> dict:
-        if not accelerator.is_main_process:
-            return {}
-        images = sample_heldout(sampler, heldout, cfg.batch_size)
-        metrics = evaluate_images(images, heldout.prompts, reward, monitor)
-        save_grid(heldout.base_images, images, out / "samples" / f"step-{step:06d}.png", heldout.prompts)
-        return metrics
-
     if state["step"] == 0:
-        base_metrics = evaluate(0)
-        log({"step": 0, **base_metrics})
+        base_metrics = {}  # held-out evaluations run on the main process only (see sample_heldout)
+        if accelerator.is_main_process:
+            base_metrics = evaluate(sampler, heldout, reward, monitor, cfg.batch_size, samples / f"{step_name(0)}.png")
+        log.write({"step": 0, **base_metrics})
         if "heldout/monitor" in base_metrics:
             state["best_monitor"] = base_metrics["heldout/monitor"]
 
-    def save(step: int) -> None:
-        accelerator.wait_for_everyone()
-        path = ckpt_root / f"step-{step:06d}"
-        accelerator.save_state(str(path))
-        if accelerator.is_main_process:
-            (path / "icthp_state.json").write_text(json.dumps({**state, "step": step}))
-            save_config(cfg, path / "config.json")
-            save_lora(pipe, path / "lora", lora_metadata(step))
-            for old in sorted(ckpt_root.glob("step-*"))[: -cfg.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
-
+    # ---- the loop: one optimiser step per iteration, until max_steps (or stop_after steps of this call) or
+    # early stopping
+    last_step = cfg.max_steps if stop_after is None else min(cfg.max_steps, state["step"] + max(1, stop_after))
     bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="finetune", unit="step",
                disable=not accelerator.is_local_main_process)
-    steps_this_call = 0
     world, rank = accelerator.num_processes, accelerator.process_index
     t_start = time.perf_counter()
-    while state["step"] < cfg.max_steps and not state["stopped_early"]:
+    while state["step"] < last_step and not state["stopped_early"]:
         step = state["step"]
         rewards, kls = [], []
         t0 = time.perf_counter()
@@ -486,14 +500,9 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, pipe=None, reward: Re
             prompts = prompt_batch(train_prompts, micro_step, cfg.batch_size, rank, world, cfg.seed)
             generator = torch.Generator().manual_seed(cfg.seed * 7_919 + micro_step * world + rank)
             with accelerator.accumulate(denoiser):
-                images = sampler.sample(prompts, generator)
-                r = reward(images, prompts)
-                clipped = r.clamp(min=cfg.reward_clip_min, max=cfg.reward_clip_max) \
-                    if cfg.reward_clip_min is not None or cfg.reward_clip_max is not None else r
-                loss = -clipped.mean()
-                if cfg.kl_weight > 0:
-                    loss = loss + cfg.kl_weight * sampler.regularization
-                    kls.append(float(sampler.regularization.detach()))
+                loss, r, kl = compute_loss(sampler, reward, prompts, generator, cfg)
+                if kl is not None:
+                    kls.append(kl)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -503,7 +512,6 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, pipe=None, reward: Re
                 optimizer.zero_grad(set_to_none=True)
             rewards.append(accelerator.gather(r.detach().float()).cpu())
         state["step"] = step = step + 1
-        steps_this_call += 1
         bar.update(1)
         all_r = torch.cat(rewards)
         row = {"step": step, "train/reward": all_r.mean().item(), "train/reward_std": all_r.std().item()
@@ -512,12 +520,14 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, pipe=None, reward: Re
         if kls:
             row["train/kl"] = float(np.mean(kls))
         if step % cfg.log_every == 0 or step == 1:
-            log(row)
+            log.write(row)
         bar.set_postfix(reward=f"{row['train/reward']:.4f}")
-        is_last = step >= cfg.max_steps or (stop_after is not None and steps_this_call >= stop_after)
+        is_last = step >= last_step
         if (cfg.eval_every and step % cfg.eval_every == 0) or is_last:
-            metrics = evaluate(step)
-            log({"step": step, **metrics})
+            metrics = {}
+            if accelerator.is_main_process:
+                metrics = evaluate(sampler, heldout, reward, monitor, cfg.batch_size, samples / f"{step_name(step)}.png")
+            log.write({"step": step, **metrics})
             mon = metrics.get("heldout/monitor")
             if mon is not None:
                 if mon > state["best_monitor"] + cfg.early_stop_min_delta:
@@ -526,21 +536,18 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, pipe=None, reward: Re
                     state["evals_since_best"] += 1
                     if cfg.early_stop_patience and state["evals_since_best"] >= cfg.early_stop_patience:
                         state["stopped_early"] = True
-                        log({"step": step, "event": "early_stop",
-                             "reason": f"held-out monitor did not improve for {state['evals_since_best']} evaluations"})
+                        log.write({"step": step, "event": "early_stop",
+                                   "reason": f"held-out monitor did not improve for {state['evals_since_best']} evaluations"})
         if step % cfg.save_every == 0 or is_last or state["stopped_early"]:
-            save(step)
-        if is_last:
-            break
+            save(accelerator, pipe, out, cfg, state, {"steps": step, "config": cfg.to_dict(), **about})
     bar.close()
     summary = {"steps": state["step"], "stopped_early": state["stopped_early"],
-               "seconds": round(time.perf_counter() - t_start, 3), "output_dir": str(out),
-               "weights": provenance, "untrained": bool(untrained), **({"warning": warning} if warning else {})}
+               "seconds": round(time.perf_counter() - t_start, 3), "output_dir": str(out), **about}
     if accelerator.is_main_process:
-        summary["lora"] = str(save_lora(pipe, out / "lora", lora_metadata(state["step"])))
-        plot = plot_log(log_path, out / "rewards.png")
+        summary["lora"] = str(save_lora(pipe, out / "lora", {"steps": state["step"], "config": cfg.to_dict(), **about}))
+        plot = plot_log(log.path, out / "rewards.png")
         summary["plot"] = str(plot) if plot else None
-        rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+        rows = [json.loads(line) for line in log.path.read_text().splitlines() if line.strip()]
         summary["log"] = rows
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if cfg.report_to != "none":

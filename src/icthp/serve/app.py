@@ -61,7 +61,7 @@ class ServedModels:
 
     @property
     def untrained(self) -> bool:
-        return any(i.untrained for s in (self.scorer, *self.baselines.values()) for i in s.checkpoints())
+        return any(s.untrained for s in (self.scorer, *self.baselines.values()))
 
     def run_batch(self, inputs: dict, prompts: list[str] | None) -> dict[str, torch.Tensor]:
         """Model forwards for one packed batch (called in the model thread)."""
@@ -74,30 +74,33 @@ class ServedModels:
         return columns
 
     def describe(self) -> dict:
-        def components(infos):
-            return [{"kind": i.kind, "source": i.source, "layout": i.layout, "untrained": i.untrained,
-                     "description": i.describe()} for i in infos]
+        """What ``/v1/models`` says of the models: :meth:`Scorer.describe` of each, without local paths (the
+        service does not tell clients where its files are)."""
 
+        def public(described: dict) -> list[dict]:
+            return [{k: v for k, v in c.items() if k != "path"} for c in described["checkpoints"]]
+
+        main = self.scorer.describe()
         return {
             "model": self.name,
             "columns": self.columns,
             "main": self.main,
             "needs_prompt": self.needs_prompt,
             "untrained": self.untrained,
-            "device": str(self.scorer.device),
-            "dtype": str(self.scorer.dtype).replace("torch.", ""),
+            "device": main["device"],
+            "dtype": main["dtype"],
             "image_size": self.preprocess.size,
-            "tokenization": self.scorer.tokenization,
-            "components": components(self.scorer.checkpoints()),
-            "baselines": [{"name": bname, "columns": list(b.component_names), "main": b.main_component,
-                           "tokenization": b.tokenization, "components": components(b.checkpoints())}
-                          for bname, b in self.baselines.items()],
+            "tokenization": main["tokenization"],
+            "components": public(main),
+            "baselines": [{"name": bname, "columns": d["columns"], "main": d["main"], "tokenization": d["tokenization"],
+                           "components": public(d)} for bname, d in ((n, b.describe()) for n, b in self.baselines.items())],
         }
 
 
 def load_models(config: ServeConfig) -> ServedModels:
     """Load the configured reward model and baselines (``device``/``dtype`` ``auto``: CUDA and bf16 when
     available)."""
+    from ..registry import parse_model_arg
     from ..scoring import load
 
     device = config.device
@@ -109,8 +112,8 @@ def load_models(config: ServeConfig) -> ServedModels:
     scorer = load(config.model, ict=config.ict, hp=config.hp, device=device, dtype=dtype)
     baselines = {}
     for spec in config.baselines:
-        bname, _, weights = spec.partition("=")
-        baselines[bname] = load(bname, weights=weights or None, device=device, dtype=dtype)
+        bname, weights = parse_model_arg(spec, "baseline")
+        baselines[bname] = load(bname, weights=weights, device=device, dtype=dtype)
     if config.compile:
         for s in (scorer, *baselines.values()):
             s.compile()

@@ -101,13 +101,13 @@ class ServeConfig:
         if self.max_queue_images < self.max_images_per_request:
             raise ValueError(f"max_queue_images ({self.max_queue_images}) must be >= max_images_per_request "
                              f"({self.max_images_per_request}), or a full request could never be admitted")
-        from ..registry import MODELS
+        from ..registry import parse_model_arg
 
         for spec in self.baselines:
-            name = spec.partition("=")[0]
-            if name not in MODELS or MODELS[name].family != "baseline":
-                baselines = [m for m, s in MODELS.items() if s.family == "baseline"]
-                raise ValueError(f"baselines: unknown baseline {name!r}; expected one of {', '.join(baselines)}")
+            try:
+                parse_model_arg(spec, "baseline")
+            except ValueError as exc:
+                raise ValueError(f"baselines: {exc}") from None
         if not is_loopback(self.host) and not self.token:
             raise ValueError(f"host {self.host!r} accepts connections from other machines: a bearer token is "
                              f"required (--token or ${TOKEN_ENV})")

@@ -1,4 +1,5 @@
-"""Preference accuracy as pure functions of score tensors (protocols in docs/bench.md).
+"""Preference accuracy as pure functions of score tensors: the counting behind ``icthp bench`` (protocols in
+docs/bench.md; :class:`icthp.bench.evaluate.Protocol` holds one set of the choices below).
 
 Protocols differ across the field, so each choice is an argument and is written into every result:
 
@@ -16,13 +17,13 @@ from collections.abc import Sequence
 
 import torch
 
-SCORE_TIES = ("error", "half")
-LABEL_TIES = ("drop", "half", "error")
-AGGREGATES = ("pooled", "per_prompt")
+from ..choices import AGGREGATES, LABEL_TIES, SCORE_TIES
+
 TRIPLET_COLUMNS = (("I2>I1", 1, 0), ("I3>I2", 2, 1), ("I3>I1", 2, 0))
 
 
-def _check(name: str, value: str, allowed: tuple[str, ...]) -> None:
+def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    """Raise ``ValueError`` naming the allowed values when ``value`` is not one of them."""
     if value not in allowed:
         raise ValueError(f"{name}: expected one of {', '.join(allowed)}; got {value!r}")
 
@@ -60,8 +61,8 @@ def triplet_accuracy(scores: torch.Tensor, *, score_ties: str = "error", aggrega
         >>> triplet_accuracy(torch.tensor([[0.1, 0.2, 0.3], [0.2, 0.2, 0.1]]), score_ties="half")["I2>I1"]
         75.0
     """
-    _check("score_ties", score_ties, SCORE_TIES)
-    _check("aggregate", aggregate, AGGREGATES)
+    check_choice("score_ties", score_ties, SCORE_TIES)
+    check_choice("aggregate", aggregate, AGGREGATES)
     if scores.ndim != 2 or scores.shape[1] != 3:
         raise ValueError(f"scores: expected [N, 3] (lose, win, refined), got {list(scores.shape)}")
     if aggregate == "per_prompt" and (groups is None or len(groups) != scores.shape[0]):
@@ -88,9 +89,9 @@ def pair_accuracy(score_a: torch.Tensor, score_b: torch.Tensor, winner: Sequence
         >>> pair_accuracy(a, b, ["a", "a", "tie"], label_ties="half")["accuracy"]
         50.0
     """
-    _check("label_ties", label_ties, LABEL_TIES)
-    _check("score_ties", score_ties, SCORE_TIES)
-    _check("aggregate", aggregate, AGGREGATES)
+    check_choice("label_ties", label_ties, LABEL_TIES)
+    check_choice("score_ties", score_ties, SCORE_TIES)
+    check_choice("aggregate", aggregate, AGGREGATES)
     n = len(winner)
     if score_a.shape != (n,) or score_b.shape != (n,):
         raise ValueError(f"score_a, score_b: expected shape [{n}] (one per pair), got {list(score_a.shape)} "

@@ -1,48 +1,21 @@
-"""Read and write ICT / HP checkpoints, strictly.
-
-Layouts read (``<dir>`` is a local directory or a Hugging Face hub snapshot):
-
-==========  ===========================================================================================
-ICT         released: ``<dir>/pytorch_model.bin`` (full ``CLIPModel`` state dict; ``model.safetensors``
-            also accepted); ours: ``<dir>/model.safetensors`` + ``config.json`` + ``icthp.json``
-HP          released: ``<dir>/hp_backbone/pytorch_model.bin`` (full ``CLIPModel`` state dict) and
-            ``<dir>/hp_scorer/mlp_pytorch_model.bin`` (``layers.{0,2,4,6,7}``), ``.safetensors`` twins
-            accepted; ours: ``<dir>/model.safetensors`` (``vision_model.*``, ``visual_projection.weight``,
-            ``head.layers.*``) + ``config.json`` + ``icthp.json``
-==========  ===========================================================================================
-
-A ``config.json`` beside the weights (as ``save_pretrained`` writes it) gives the architecture; without
-one, laion CLIP-ViT-H-14 is assumed. The model is built on the meta device from that config and the
-weights are assigned into it: base weights are never downloaded or allocated only to be overwritten.
-
-Every key must match: a missing or unexpected key or a shape mismatch raises :class:`CheckpointError`
-naming the keys. Only ``*.position_ids`` buffers may differ (they changed across transformers versions).
-An HP backbone file may hold the full ``CLIPModel`` (as released) or only the vision tower; the text
-tower is checked and dropped, never kept in memory.
-
-``.bin`` files are read with ``torch.load(weights_only=True)``: no code in a checkpoint is ever run.
-Nothing in a checkpoint directory is trusted: ``config.json`` is checked against the architecture bounds of
-:mod:`icthp.modeling` before any network is built, ``icthp.json`` against the types its fields must have,
-and every floating tensor used must be finite (a NaN or Inf weight would only show as NaN scores).
-"""
+"""Locate, read and check ICT / HP checkpoints, and load them into models: :func:`load_ict`, and
+:func:`load_hp` with one reader per HP layout (the layouts and the rules are in :mod:`icthp.checkpoints`)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-import shutil
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from .errors import CheckpointError
-from .modeling import (
+from ..errors import CheckpointError
+from ..modeling import (
     DEFAULT_ARCHITECTURE,
     HPModel,
     architecture_dict,
@@ -55,7 +28,7 @@ from .modeling import (
     restore_position_ids,
 )
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("icthp.checkpoints")
 
 FORMAT_NAME = "icthp"
 FORMAT_VERSION = 1
@@ -79,7 +52,7 @@ MAX_CONFIG_BYTES = 1 << 20
 # icthp.json / icthp_preset.json fields the loaders act on, besides kind and format_version, and the JSON
 # type each must have (other fields, e.g. a trainer's extra metadata, are kept as they are).
 _METADATA_TYPES: dict[str, tuple[type, str]] = {"format": (str, "a string"), "untrained": (bool, "true or false")}
-_KINDS = ("ict", "hp")
+KINDS = ("ict", "hp")
 
 
 class HubDownloadError(CheckpointError):
@@ -153,7 +126,7 @@ def resolve_source(source: str | os.PathLike, kind: str, revision: str | None = 
     def complete(local: Path) -> bool:
         return kind != "ict" or first_existing(local, (WEIGHTS_SAFETENSORS, *RELEASED_WEIGHTS)) is not None
 
-    from .registry import offline_hint
+    from ..registry import offline_hint
 
     return fetch_directory(source, what, _HUB_PATTERNS[kind], revision, complete, alternative=offline_hint(kind))
 
@@ -218,7 +191,7 @@ def read_state_dict(path: str | os.PathLike, mmap: bool = False) -> dict[str, to
 
     ``mmap=True`` maps a ``.bin`` file instead of reading it: only the tensors used are read from disk
     (the HP loader uses it to skip the text tower of a full CLIPModel file); the tensors are then views of
-    the file and must be copied before use (``_assign(..., file_backed=True)``).
+    the file and must be copied before use (``assign_weights(..., file_backed=True)``).
 
     Example:
         >>> sd = read_state_dict("ICT/pytorch_model.bin")  # doctest: +SKIP
@@ -271,7 +244,14 @@ def _is_zip(path: Path) -> bool:
         return f.read(4) == b"PK\x03\x04"
 
 
-def _float_dtype(state: Mapping[str, torch.Tensor]) -> str:
+def float_dtypes(state: Mapping[str, torch.Tensor]) -> str:
+    """The dtypes of the floating tensors of ``state`` as :attr:`CheckpointInfo.file_dtype` gives them: sorted
+    and joined by ``/`` (``"bfloat16/float32"`` when mixed); ``"none"`` without floating tensors.
+
+    Example:
+        >>> float_dtypes({"w": torch.zeros(2, dtype=torch.bfloat16), "b": torch.zeros(2), "n": torch.zeros(2, dtype=torch.long)})
+        'bfloat16/float32'
+    """
     dtypes = {str(v.dtype).replace("torch.", "") for v in state.values() if v.is_floating_point()}
     return "/".join(sorted(dtypes)) or "none"
 
@@ -317,7 +297,7 @@ def _expected_shapes(module: nn.Module) -> dict[str, torch.Size]:
     return {k: v.shape for k, v in module.state_dict().items()}
 
 
-def _assign(
+def assign_weights(
     module: nn.Module,
     state: dict[str, torch.Tensor],
     dtype: torch.dtype,
@@ -334,6 +314,10 @@ def _assign(
     ``file_backed``: the tensors are views of a memory-mapped file (safetensors). ``.to`` returns them
     unchanged when device and dtype already match, so they are copied: otherwise rewriting the checkpoint
     in place would change the model's weights, or crash it with SIGBUS once the file is truncated.
+
+    Example:
+        >>> model = build_clip(cfg)  # on the meta device  # doctest: +SKIP
+        >>> assign_weights(model, read_state_dict("ICT/pytorch_model.bin"), torch.bfloat16, "cuda")  # doctest: +SKIP
     """
     def cast(k: str, v: torch.Tensor) -> torch.Tensor:
         if not v.is_floating_point():
@@ -394,7 +378,7 @@ def read_metadata(path: Path) -> dict[str, Any]:
     for name, (kind, expected) in _METADATA_TYPES.items():
         if meta.get(name) is not None and not isinstance(meta[name], kind):
             raise CheckpointError(f"{path}: {name} = {meta[name]!r} is not {expected}")
-    if meta.get("kind") is not None and not (isinstance(meta["kind"], str) and meta["kind"] in _KINDS):
+    if meta.get("kind") is not None and not (isinstance(meta["kind"], str) and meta["kind"] in KINDS):
         raise CheckpointError(f"{path}: kind = {meta['kind']!r} is not 'ict' or 'hp'")
     if meta.get("format_version") is not None:
         check_int(meta["format_version"], "format_version", str(path), 1, 2**31 - 1)
@@ -454,8 +438,8 @@ def load_ict(
     check_keys(_expected_shapes(model), state, f"ICT checkpoint {weights}", _no_config_hint(had_config))
     check_finite(state, f"ICT checkpoint {weights}")
     target = resolve_dtype(dtype)
-    file_dtype = _float_dtype(state)
-    _assign(model, state, target, torch.device(device), file_backed=weights.suffix == ".safetensors")
+    file_dtype = float_dtypes(state)
+    assign_weights(model, state, target, torch.device(device), file_backed=weights.suffix == ".safetensors")
     model.eval().requires_grad_(False)
     layout = FORMAT_NAME if meta.get("format") == FORMAT_NAME else "released"
     info = CheckpointInfo("ict", str(source), str(directory), layout, config_to_dict(cfg), file_dtype,
@@ -477,6 +461,16 @@ def _split_backbone(state: Mapping[str, torch.Tensor], full_expected: Mapping[st
     return {k: v for k, v in state.items() if k.startswith(_VISION_PREFIXES)}
 
 
+class _HPRead(NamedTuple):
+    """An HP checkpoint read and checked, before its weights are assigned."""
+
+    model: HPModel  # built on the meta device from ``config``
+    config: Any
+    state: dict[str, torch.Tensor]  # backbone keys, then ``head.*``
+    files: list[str]
+    meta: dict[str, Any]
+
+
 def load_hp(
     source: str | os.PathLike,
     *,
@@ -485,7 +479,8 @@ def load_hp(
     revision: str | None = None,
     what: str | None = None,
 ) -> tuple[HPModel, CheckpointInfo]:
-    """Load an HP model (vision tower + MLP head) strictly from a directory or hub id.
+    """Load an HP model (vision tower + MLP head) strictly from a directory or hub id, in either layout
+    (released ``hp_backbone/`` + ``hp_scorer/``, or icthp's single ``model.safetensors``).
 
     The vision tower runs in ``dtype``; the small MLP head always stays in float32.
 
@@ -496,173 +491,66 @@ def load_hp(
     meta = _read_metadata(directory)
     target = resolve_dtype(dtype)
     dev = torch.device(device)
-    if meta.get("format") == FORMAT_NAME and (directory / WEIGHTS_SAFETENSORS).is_file():
-        if meta.get("kind") != "hp":
-            raise CheckpointError(f"{directory} holds a {str(meta.get('kind')).upper()} checkpoint, not an HP one")
-        cfg, had_config = _read_config(directory)
-        weights = directory / WEIGHTS_SAFETENSORS
-        state = read_state_dict(weights)
-        model = build_hp(cfg)
-        check_keys(_expected_shapes(model), state, f"HP checkpoint {weights}", _no_config_hint(had_config))
-        check_finite(state, f"HP checkpoint {weights}")
-        backbone_state = {k: v for k, v in state.items() if not k.startswith("head.")}
-        head_state = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
-        files, layout, file_backed = [str(weights)], FORMAT_NAME, True
-    else:
-        backbone_dir, scorer_dir = directory / "hp_backbone", directory / "hp_scorer"
-        if not backbone_dir.is_dir() or not scorer_dir.is_dir():
-            hint = " (it looks like an ICT checkpoint)" if first_existing(directory, RELEASED_WEIGHTS) else ""
-            raise CheckpointError(
-                f"no HP checkpoint in {directory}{hint}: expected hp_backbone/pytorch_model.bin and "
-                f"hp_scorer/mlp_pytorch_model.bin (released layout) or model.safetensors + {METADATA_FILE} (icthp)"
-            )
-        bb_file = first_existing(backbone_dir, (*RELEASED_WEIGHTS, WEIGHTS_SAFETENSORS))
-        mlp_file = first_existing(scorer_dir, RELEASED_MLP_WEIGHTS)
-        if bb_file is None or mlp_file is None:
-            raise CheckpointError(
-                f"incomplete HP checkpoint in {directory}: backbone weights {'found' if bb_file else 'MISSING'} "
-                f"(hp_backbone/{' or '.join(RELEASED_WEIGHTS)}), head weights {'found' if mlp_file else 'MISSING'} "
-                f"(hp_scorer/{' or '.join(RELEASED_MLP_WEIGHTS)})"
-            )
-        meta = {**meta, **_read_metadata(backbone_dir)}
-        cfg, had_config = _read_config(backbone_dir)
-        if not had_config:
-            cfg, had_config = _read_config(directory)
-        model = build_hp(cfg)
-        full_expected = _expected_shapes(build_clip(cfg))
-        # Mapped, not read: the text tower of a released (full CLIPModel) file is never read from disk.
-        mapped = bb_file.suffix != ".safetensors" and _is_zip(bb_file)
-        state = read_state_dict(bb_file, mmap=mapped)
-        backbone_state = _split_backbone(state, full_expected, f"HP backbone {bb_file}", _no_config_hint(had_config))
-        del state  # the text tower of a full CLIPModel file is freed here, before anything else is allocated
-        # Only the vision part is checked: the text tower of the file is never read, nor used.
-        check_finite(backbone_state, f"HP backbone {bb_file}")
-        head_state = read_state_dict(mlp_file)
-        check_keys(_expected_shapes(model.head), head_state, f"HP head {mlp_file}",
-                   f"The head's input width must equal the CLIP projection dim ({cfg.projection_dim}).")
-        check_finite(head_state, f"HP head {mlp_file}")
-        files, layout, file_backed = [str(bb_file), str(mlp_file)], "released", True
-    file_dtype = _float_dtype({**backbone_state, **head_state})
-    state = {**backbone_state, **{f"head.{k}": v for k, v in head_state.items()}}
-    del backbone_state, head_state
-    _assign(model, state, target, dev, ("head.",), file_backed=file_backed)
+    ours = meta.get("format") == FORMAT_NAME and (directory / WEIGHTS_SAFETENSORS).is_file()
+    layout = FORMAT_NAME if ours else "released"
+    # Unpacked, not kept: assign_weights empties ``state`` as it goes, so nothing else may hold the tensors.
+    model, cfg, state, files, meta = (_read_hp_icthp if ours else _read_hp_released)(directory, meta)
+    file_dtype = float_dtypes(state)
+    assign_weights(model, state, target, dev, ("head.",), file_backed=True)
     model.eval().requires_grad_(False)
     info = CheckpointInfo("hp", str(source), str(directory), layout, config_to_dict(cfg), file_dtype,
                           bool(meta.get("untrained", False)), files)
     return model, info
 
 
-# --------------------------------------------------------------------------------------------- writing
+def _read_hp_icthp(directory: Path, meta: dict[str, Any]) -> _HPRead:
+    """icthp's HP layout: ``model.safetensors`` (``vision_model.*``, ``visual_projection.weight``,
+    ``head.layers.*``) + ``config.json`` + ``icthp.json``."""
+    if meta.get("kind") != "hp":
+        raise CheckpointError(f"{directory} holds a {str(meta.get('kind')).upper()} checkpoint, not an HP one")
+    cfg, had_config = _read_config(directory)
+    weights = directory / WEIGHTS_SAFETENSORS
+    state = read_state_dict(weights)
+    model = build_hp(cfg)
+    check_keys(_expected_shapes(model), state, f"HP checkpoint {weights}", _no_config_hint(had_config))
+    check_finite(state, f"HP checkpoint {weights}")
+    return _HPRead(model, cfg, state, [str(weights)], meta)
 
 
-@contextmanager
-def _atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory that replaces ``target`` only once fully written."""
-    from .files import honour_umask, new_temp_dir
-
-    tmp = new_temp_dir(target)  # the umask's permissions (mkdtemp would make it 0700)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    honour_umask(tmp)  # safetensors writes its files 0600
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
-
-
-def _state_for_saving(state: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    out = {}
-    for k, v in state.items():
-        if k.endswith("position_ids"):
-            continue
-        v = v.detach().to("cpu")
-        if dtype is not None and v.is_floating_point():
-            v = v.to(dtype)
-        out[k] = v.contiguous()
-    return out
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def save_ict(
-    model: nn.Module,
-    directory: str | os.PathLike,
-    *,
-    layout: str = FORMAT_NAME,
-    dtype: str | torch.dtype | None = None,
-    extra_metadata: Mapping[str, Any] | None = None,
-) -> Path:
-    """Write an ICT model (``CLIPModel``) in our layout (safetensors) or the released one (``pytorch_model.bin``).
-
-    The directory is written atomically (a temporary sibling renamed into place).
-
-    Example:
-        >>> save_ict(model, "out/ict")  # doctest: +SKIP
-    """
-    target = Path(directory)
-    state = _state_for_saving(model.state_dict(), None if dtype is None else resolve_dtype(dtype))
-    cfg = config_to_dict(model.config)
-    with _atomic_dir(target) as tmp:
-        _write_json(tmp / "config.json", cfg)
-        if layout == FORMAT_NAME:
-            from safetensors.torch import save_file
-
-            save_file(state, str(tmp / WEIGHTS_SAFETENSORS), metadata={"format": "pt"})
-            _write_json(tmp / METADATA_FILE, {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kind": "ict",
-                                              **dict(extra_metadata or {})})
-        elif layout == "released":
-            torch.save(state, tmp / "pytorch_model.bin")
-            if extra_metadata:
-                _write_json(tmp / PRESET_MARKER, dict(extra_metadata))
-        else:
-            raise ValueError(f"unknown layout {layout!r}; expected 'icthp' or 'released'")
-    return target
-
-
-def save_hp(
-    model: HPModel,
-    directory: str | os.PathLike,
-    *,
-    layout: str = FORMAT_NAME,
-    dtype: str | torch.dtype | None = None,
-    text_state: Mapping[str, torch.Tensor] | None = None,
-    extra_metadata: Mapping[str, Any] | None = None,
-) -> Path:
-    """Write an HP model in our layout or the released one (``hp_backbone/`` + ``hp_scorer/``).
-
-    In the released layout the backbone file is a ``CLIPModel`` state dict: pass ``text_state`` (text tower
-    keys) to write the full model as released; without it only the vision keys are written (icthp reads
-    both). The MLP head is always written in float32.
-    """
-    target = Path(directory)
-    cast = None if dtype is None else resolve_dtype(dtype)
-    full = model.state_dict()
-    backbone = _state_for_saving({k: v for k, v in full.items() if not k.startswith("head.")}, cast)
-    head = _state_for_saving({k[len("head."):]: v for k, v in full.items() if k.startswith("head.")}, torch.float32)
-    cfg = config_to_dict(model.config)
-    with _atomic_dir(target) as tmp:
-        if layout == FORMAT_NAME:
-            from safetensors.torch import save_file
-
-            _write_json(tmp / "config.json", cfg)
-            save_file({**backbone, **{f"head.{k}": v for k, v in head.items()}}, str(tmp / WEIGHTS_SAFETENSORS),
-                      metadata={"format": "pt"})
-            _write_json(tmp / METADATA_FILE, {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kind": "hp",
-                                              **dict(extra_metadata or {})})
-        elif layout == "released":
-            (tmp / "hp_backbone").mkdir()
-            (tmp / "hp_scorer").mkdir()
-            if text_state is not None:
-                backbone = {**_state_for_saving(text_state, cast), **backbone}
-            _write_json(tmp / "hp_backbone" / "config.json", cfg)
-            torch.save(backbone, tmp / "hp_backbone" / "pytorch_model.bin")
-            torch.save(head, tmp / "hp_scorer" / "mlp_pytorch_model.bin")
-            if extra_metadata:
-                _write_json(tmp / PRESET_MARKER, dict(extra_metadata))
-        else:
-            raise ValueError(f"unknown layout {layout!r}; expected 'icthp' or 'released'")
-    return target
+def _read_hp_released(directory: Path, meta: dict[str, Any]) -> _HPRead:
+    """The released HP layout: ``hp_backbone/`` (a full ``CLIPModel`` state dict, or only its vision tower, with
+    its ``config.json``) and ``hp_scorer/`` (the MLP head, ``layers.{0,2,4,6,7}``)."""
+    backbone_dir, scorer_dir = directory / "hp_backbone", directory / "hp_scorer"
+    if not backbone_dir.is_dir() or not scorer_dir.is_dir():
+        hint = " (it looks like an ICT checkpoint)" if first_existing(directory, RELEASED_WEIGHTS) else ""
+        raise CheckpointError(
+            f"no HP checkpoint in {directory}{hint}: expected hp_backbone/pytorch_model.bin and "
+            f"hp_scorer/mlp_pytorch_model.bin (released layout) or model.safetensors + {METADATA_FILE} (icthp)"
+        )
+    bb_file = first_existing(backbone_dir, (*RELEASED_WEIGHTS, WEIGHTS_SAFETENSORS))
+    mlp_file = first_existing(scorer_dir, RELEASED_MLP_WEIGHTS)
+    if bb_file is None or mlp_file is None:
+        raise CheckpointError(
+            f"incomplete HP checkpoint in {directory}: backbone weights {'found' if bb_file else 'MISSING'} "
+            f"(hp_backbone/{' or '.join(RELEASED_WEIGHTS)}), head weights {'found' if mlp_file else 'MISSING'} "
+            f"(hp_scorer/{' or '.join(RELEASED_MLP_WEIGHTS)})"
+        )
+    meta = {**meta, **_read_metadata(backbone_dir)}
+    cfg, had_config = _read_config(backbone_dir)
+    if not had_config:
+        cfg, had_config = _read_config(directory)
+    model = build_hp(cfg)
+    full_expected = _expected_shapes(build_clip(cfg))
+    # Mapped, not read: the text tower of a released (full CLIPModel) file is never read from disk.
+    mapped = bb_file.suffix != ".safetensors" and _is_zip(bb_file)
+    state = read_state_dict(bb_file, mmap=mapped)
+    backbone_state = _split_backbone(state, full_expected, f"HP backbone {bb_file}", _no_config_hint(had_config))
+    del state  # the text tower of a full CLIPModel file is freed here, before anything else is allocated
+    # Only the vision part is checked: the text tower of the file is never read, nor used.
+    check_finite(backbone_state, f"HP backbone {bb_file}")
+    head_state = read_state_dict(mlp_file)
+    check_keys(_expected_shapes(model.head), head_state, f"HP head {mlp_file}",
+               f"The head's input width must equal the CLIP projection dim ({cfg.projection_dim}).")
+    check_finite(head_state, f"HP head {mlp_file}")
+    state = {**backbone_state, **{f"head.{k}": v for k, v in head_state.items()}}
+    return _HPRead(model, cfg, state, [str(bb_file), str(mlp_file)], meta)
