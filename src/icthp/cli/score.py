@@ -24,15 +24,13 @@ def _print_table(rows: list[dict], untrained: bool, limit: int, rank_by: str) ->
     if rank_by not in columns and any(rank_by in r for r in rows):
         columns.append(rank_by)
     folders = {str(Path(r["image"]).parent) for r in rows}
-    # One folder: show file names only and the folder in the caption, so the table stays readable.
+    # One folder: show file names only and the folder above the table, so the table stays readable.
     shown = {r["image"]: (Path(r["image"]).name if len(folders) == 1 else r["image"]) for r in rows[:limit]}
     title = "icthp scores" + ("  [bold red](UNTRAINED tiny-random weights: meaningless)[/]" if untrained else "")
     within = "group" if any(r.get("group") is not None for r in rows) else "prompt"
     caption = f"rank: best first within each {within}, by {rank_by}"
     if rank_by == "ict_hp_group":
         caption += " = ict x softmax(hp_logit) over the group (the released rule)"
-    if len(folders) == 1:
-        caption = f"in {next(iter(folders))}; {caption}"
     table = Table(title=title, show_lines=False, caption=caption)
     table.add_column("image", overflow="fold")
     if any(r.get("prompt") for r in rows):
@@ -53,6 +51,9 @@ def _print_table(rows: list[dict], untrained: bool, limit: int, rank_by: str) ->
         else:
             cells += [_fmt(r.get(c)) for c in columns] + [str(r.get("rank", ""))]
         table.add_row(*cells)
+    if len(folders) == 1:
+        # On its own line, never wrapped: a caption wraps to the table's width and would split a long path.
+        ui.out.print(f"images in {next(iter(folders))}", soft_wrap=True, highlight=False)
     ui.out.print(table)
     if len(rows) > limit:
         ui.out.print(f"... {len(rows) - limit} more rows (see --output, or raise --show)")
