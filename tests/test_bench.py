@@ -173,7 +173,8 @@ def test_protocol_object_equals_the_keywords_and_is_checked_before_reading(gener
                           cache_dir=tmp_path / "cache")
     assert by_object.result["accuracy"] == by_keywords.result["accuracy"]
     assert by_object.result["protocol"] == by_keywords.result["protocol"] == {
-        "kind": "pair", "score_ties": "error", "label_ties": "half", "aggregate": "per_prompt", "prompt": "prompt",
+        "kind": "pair", "metric": "pair", "score_ties": "error", "label_ties": "half", "aggregate": "per_prompt",
+        "prompt": "prompt", "source": "icthp's pair accuracy",
         "description": Protocol("pair", label_ties="half", aggregate="per_prompt").description}
     assert Protocol("triplet", label_ties="half").to_dict()["label_ties"] is None  # does not apply to triplets
     with pytest.raises(ValueError, match="either as protocol= or as kind="):

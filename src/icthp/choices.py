@@ -29,4 +29,7 @@ LABEL_TIES = ("drop", "half", "error")
 #: Accuracy pooled over items, or the mean of per-prompt accuracies.
 AGGREGATES = ("pooled", "per_prompt")
 #: Dataset kinds of a benchmark (:class:`icthp.bench.evaluate.Protocol`); ``auto`` reads it from the columns.
-DATA_KINDS = ("auto", "triplet", "pair")
+DATA_KINDS = ("auto", "triplet", "pair", "ranked")
+#: How a benchmark counts (:data:`icthp.bench.metrics.METRICS`): icthp's generic metrics, then the official
+#: metrics of the benchmarks they are named after.
+METRIC_NAMES = ("triplet", "pair", "ranked", "pick-a-pic", "hpdv2", "imagereward", "genai-bench")

@@ -115,31 +115,47 @@ class CacheJob:
     label: str
 
 
-def cache_jobs(name: str, scorer: Scorer, items: Sequence[BenchItem], images: Images) -> list[CacheJob]:
+def cache_jobs(name: str, scorer: Scorer, items: Sequence[BenchItem], images: Images,
+               seen: dict[str, set[int]] | None = None) -> list[CacheJob]:
     """What ``scorer`` needs in the cache: the image state of each of its :func:`state_parts`, or else its
-    components per distinct (image, prompt) (prompt ``""`` when it reads none)."""
+    components per distinct (image, prompt) (prompt ``""`` when it reads none).
+
+    ``seen`` (per scorer and model key, the hashes of keys an earlier chunk of a streamed dataset already asked
+    for): those keys are left out, so that each entry is filled and counted once per scorer and run.
+    """
+    def fresh(mkey: str, keys: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        if seen is None:
+            return keys
+        done = seen.setdefault(f"{name}\0{mkey}", set())  # per scorer: its counts include what others filled
+        new = [k for k in keys if hash(k) not in done]
+        done.update(hash(k) for k in new)
+        return new
+
     if scorer.has_image_state:
-        return [CacheJob(part, True, model_key(part), [(h, "") for h in images.source], f"{name}: {part.name} images")
-                for part in state_parts(scorer)]
+        return [CacheJob(part, True, mkey, fresh(mkey, [(h, "") for h in images.source]), f"{name}: {part.name} images")
+                for part in state_parts(scorer) for mkey in (model_key(part),)]
     keys = list(dict.fromkeys((images.key(im), item.prompt if scorer.needs_prompt else "")
                               for item in items for im in item.images))
-    return [CacheJob(scorer, False, model_key(scorer), keys, f"{name}: image-prompt pairs")]
+    mkey = model_key(scorer)
+    return [CacheJob(scorer, False, mkey, fresh(mkey, keys), f"{name}: image-prompt pairs")]
 
 
-def fill_cache(job: CacheJob, images: Images, cache: EmbeddingCache, compute: Compute) -> dict[str, int]:
+def fill_cache(job: CacheJob, images: Images, cache: EmbeddingCache, compute: Compute,
+               advance: Callable[[int], None] | None = None) -> dict[str, int]:
     """Compute and store what ``job.keys`` lack in the cache: this process's share of it. The main process
     then waits for the other shares.
 
     Entries that fail verification (damaged on disk) are deleted first and computed again like missing ones.
 
     Returns the counts of ``results.json``'s ``cache.<scorer>``: ``entries`` wanted, ``cached`` before,
-    ``computed`` here, damaged entries dropped here (``recomputed``).
+    ``computed`` here, damaged entries dropped here (``recomputed``). ``advance(n)`` is told of the images
+    computed (default: a new ``compute.progress`` task).
     """
     model, mkey, keys, shard = job.model, job.model_key, job.keys, compute.shard
     dropped = cache.drop_invalid(mkey, keys)
     missing = _absent(cache, mkey, keys)
     mine = [k for k in missing if shard.owns(k[0])]
-    tick = compute.progress(job.label, len(mine))
+    tick = advance or compute.progress(job.label, len(mine))
     with torch.inference_mode():
         for batch in iter_batches([images.source[h] for h, _ in mine], model.preprocess, compute.batch_size,
                                   compute.workers):
@@ -170,8 +186,16 @@ def _absent(cache: EmbeddingCache, mkey: str, keys: list[tuple[str, str]]) -> li
 
 def item_components(scorer: Scorer, jobs: Sequence[CacheJob], items: Sequence[BenchItem], images: Images,
                     cache: EmbeddingCache) -> dict[str, torch.Tensor]:
-    """Every component for every (item, image), from the entries ``jobs`` filled: ``{name: Tensor[n_items, k]}``."""
+    """Every component for every (item, image), from the entries ``jobs`` filled: ``{name: Tensor[n_items, k]}``
+    (items of ``k`` images each; :func:`flat_components` for lists of any length)."""
     k = len(items[0].images)
+    flat = flat_components(scorer, jobs, items, images, cache)
+    return {name: v.reshape(len(items), k) for name, v in flat.items()}
+
+
+def flat_components(scorer: Scorer, jobs: Sequence[CacheJob], items: Sequence[BenchItem], images: Images,
+                    cache: EmbeddingCache) -> dict[str, torch.Tensor]:
+    """Every component of every image of ``items`` in order, one flat tensor per component, from the cache."""
     flat_hashes = [images.key(im) for item in items for im in item.images]
     flat_prompts = [item.prompt for item in items for _ in item.images]
     out: dict[str, torch.Tensor] = {}
@@ -198,7 +222,7 @@ def item_components(scorer: Scorer, jobs: Sequence[CacheJob], items: Sequence[Be
         names = list(rows[(flat_hashes[0], prompts[0])])
         for name in names:
             out[name] = [torch.stack([rows[(h, p)][name] for h, p in zip(flat_hashes, prompts, strict=True)])]
-    return {name: torch.cat(parts).reshape(len(items), k) for name, parts in out.items()}  # type: ignore[arg-type]
+    return {name: torch.cat(parts) for name, parts in out.items()}  # type: ignore[arg-type]
 
 
 def _require_all(cache: EmbeddingCache, unreadable: int) -> None:
