@@ -43,6 +43,7 @@ def bench(
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ... or auto.")] = "auto",
     dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto (bf16 on CUDA).")] = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward.")] = 32,
+    chunk_size: Annotated[int, typer.Option(min=1, help="Items read at once: what the run holds in memory (their images' bytes when embedded).")] = 512,
     html: Annotated[bool, typer.Option(help="Write report.html (self-contained).")] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace the results already in --output-dir.")] = False,
 ) -> int:
@@ -99,7 +100,7 @@ def bench(
             items_file=lambda label: (output_dir / label if several else output_dir) / "items.jsonl.partial",
             kind=kind.value, limit=limit, allow_pickle=allow_pickle, tune_source=tune_on, batch_size=batch_size,
             published=published, descriptions=descriptions, progress=task_progress, bootstrap_samples=bootstrap,
-            seed=seed, **options)
+            seed=seed, chunk_size=chunk_size, **options)
     if not main_process:
         return 0
     if several:
