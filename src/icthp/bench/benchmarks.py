@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..files import open_parquet
 from .datasets import MAX_LIST, BenchData, BenchItem, check_ranks, first_row_columns, open_manifest
 
 #: the largest JSON annotation file read (HPDv2's train.json is 116 MB)
@@ -245,10 +246,8 @@ def _parquet_source(path: Path, split: str, what: str, subdir: str | None = None
 
 
 def _parquet_rows(files: list[Path], columns: list[str]) -> Iterator[dict[str, Any]]:
-    import pyarrow.parquet as pq
-
     for f in files:
-        pf = pq.ParquetFile(f)
+        pf = open_parquet(f)
         missing = [c for c in columns if c not in pf.schema_arrow.names]
         if missing:
             raise InputError(f"{f}: missing column(s) {', '.join(missing)}")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from ..files import iter_jsonl, read_rows
+from ..files import iter_jsonl, iter_parquet, read_rows
 from .triplets import _is_missing, _resolve
 
 
@@ -59,10 +59,7 @@ def iter_pairs(path: str | os.PathLike) -> Iterator[PreferencePair]:
 
 
 def _parquet_rows(path: Path) -> Iterator[dict[str, Any]]:
-    import pyarrow.parquet as pq
-
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-        yield from batch.to_pylist()
+    yield from iter_parquet(path, batch_size=1024)
 
 
 def _to_pair(n: int, row: dict[str, Any], base: Path, where: str) -> PreferencePair:

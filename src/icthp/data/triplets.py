@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from ..files import ROLE_ALIASES, ROLES, atomic_path, check_table_path, iter_jsonl
+from ..files import ROLE_ALIASES, ROLES, atomic_path, check_table_path, iter_jsonl, open_parquet
 
 LABELS = ("E1", "E2", "R1", "R2")
 SPLITS = ("train", "val", "test")
@@ -193,9 +193,7 @@ def _manifest_rows(path: Path) -> RawRows:
     base = path.parent
     total = None
     if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        pf = pq.ParquetFile(path)
+        pf = open_parquet(path)
         columns = list(pf.schema_arrow.names)
         total = pf.metadata.num_rows
 
