@@ -9,7 +9,7 @@ Every item is one prompt with two or more images and what people said about them
 
 Every kind is also a ranked list (:attr:`BenchItem.ranks`): the metrics of :mod:`.metrics` read it that way.
 The official benchmarks' loaders (:mod:`.benchmarks`) produce the same rows from each release's own layout.
-Items are streamed (:meth:`BenchData.chunks`): a dataset of embedded images (parquet bytes) is never held in
+Items are streamed (:meth:`BenchData.items`, read in chunks by :mod:`icthp.bench.stream`): a dataset of embedded images (parquet bytes) is never held in
 memory whole.
 """
 
@@ -88,11 +88,6 @@ class BenchData:
         it = self.read()
         return islice(it, limit) if limit is not None else it
 
-    def chunks(self, size: int, limit: int | None = None) -> Iterator[list[BenchItem]]:
-        """The items in lists of ``size``: what a streaming run holds at once."""
-        it = self.items(limit)
-        while chunk := list(islice(it, size)):
-            yield chunk
 
 
 # --------------------------------------------------------------------------------------------- manifests

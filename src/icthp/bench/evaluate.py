@@ -317,6 +317,12 @@ def write_bench(result: BenchResult, output_dir: str | os.PathLike, *, html: boo
 
         items, gallery = report_items(result)
         paths.update(write_report(result.result, items, out, gallery=gallery))
+    else:  # the table is always written; only the HTML report is optional
+        from .report import markdown_table
+
+        paths["markdown"] = out / "results.md"
+        with atomic_path(paths["markdown"]) as tmp:
+            tmp.write_text(markdown_table(result.result), encoding="utf-8")
     return paths
 
 

@@ -10,6 +10,7 @@ import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -68,43 +69,55 @@ class _Stream:
         rows = 0
         heap: list[tuple] = []
         main = self.compute.shard.is_main
-        for chunk in data.chunks(self.chunk_size, limit):
-            images = Images(chunk, self.compute.workers)
-            components: dict[str, dict[str, torch.Tensor]] = {}
-            for name, scorer in self.scorers.items():
-                jobs = cache_jobs(name, scorer, chunk, images, self.seen)
-                for job in jobs:
-                    total = len([k for k in job.keys if self.compute.shard.owns(k[0])]) if single else None
-                    counts = fill_cache(job, images, self.cache, self.compute, self._advance(job.label, total))
-                    for key, v in counts.items():
-                        self.stats[name][key] += v
-                    _report_damage(name, counts["recomputed"], self.cache)
-                if main:
-                    components[name] = flat_components(scorer, jobs, chunk, images, self.cache)
+        # Chunks are read here rather than through ``data.chunks``: a chunk is dropped (its items and their images'
+        # bytes) before the next one is read, so at most ``chunk_size`` items are held, not two chunks' worth.
+        stream = data.items(limit)
+        while chunk := list(islice(stream, self.chunk_size)):
             rows += len(chunk)
-            if not main:
-                continue
-            distinct.update(hash(h) for h in images.source)
-            sizes = [len(item.images) for item in chunk]
-            compared = {name: compared_scores(self.scorers[name], components[name], sizes) for name in names}
-            for item in chunk:
-                fingerprint.update(_fingerprint_line(item, images).encode())
-            collector.add(sizes, [item.prompt for item in chunk], [r for item in chunk for r in item.order],
-                          [item.label or "" for item in chunk], {n: c[1] for n, c in compared.items()})
-            if items is not None or sink is not None:
-                for row in _item_rows(chunk, images, data.kind, compared, components):
-                    if items is not None:
-                        items.append(row)
-                    if sink is not None:
-                        sink.write(json.dumps(row) + "\n")
-            if gallery_size:
-                _offer_gallery(heap, gallery_size, chunk, images, data.kind, names, compared)
+            self._chunk(chunk, data.kind, single, collector, fingerprint, distinct, items, sink, heap, gallery_size)
+            del chunk
         if rows == 0:
             raise InputError(f"dataset {data.path}: no rows" + (f" in split {data.split!r}" if data.split else ""))
         if not main:
             return None
         gallery = [entry[-1] for entry in sorted(heap, key=lambda e: e[:-1], reverse=True)]
         return _Scored(collector.outcome(), "sha256:" + fingerprint.hexdigest(), rows, len(distinct), gallery)
+
+    def _chunk(self, chunk: list[BenchItem], kind: str, single: bool, collector: Collector, fingerprint: Any,
+               distinct: set[int], items: list[dict] | None, sink, heap: list, gallery_size: int) -> None:
+        """Score one chunk into the cache and, in the main process, into the run's outcome, fingerprint, rows and
+        gallery. Everything of the chunk it holds goes when it returns (the gallery's items excepted)."""
+        names = list(self.scorers)
+        main = self.compute.shard.is_main
+        images = Images(chunk, self.compute.workers)
+        components: dict[str, dict[str, torch.Tensor]] = {}
+        for name, scorer in self.scorers.items():
+            jobs = cache_jobs(name, scorer, chunk, images, self.seen)
+            for job in jobs:
+                total = len([k for k in job.keys if self.compute.shard.owns(k[0])]) if single else None
+                counts = fill_cache(job, images, self.cache, self.compute, self._advance(job.label, total))
+                for key, v in counts.items():
+                    self.stats[name][key] += v
+                _report_damage(name, counts["recomputed"], self.cache)
+            if main:
+                components[name] = flat_components(scorer, jobs, chunk, images, self.cache)
+        if not main:
+            return
+        distinct.update(hash(h) for h in images.source)
+        sizes = [len(item.images) for item in chunk]
+        compared = {name: compared_scores(self.scorers[name], components[name], sizes) for name in names}
+        for item in chunk:
+            fingerprint.update(_fingerprint_line(item, images).encode())
+        collector.add(sizes, [item.prompt for item in chunk], [r for item in chunk for r in item.order],
+                      [item.label or "" for item in chunk], {n: c[1] for n, c in compared.items()})
+        if items is not None or sink is not None:
+            for row in _item_rows(chunk, images, kind, compared, components):
+                if items is not None:
+                    items.append(row)
+                if sink is not None:
+                    sink.write(json.dumps(row) + "\n")
+        if gallery_size:
+            _offer_gallery(heap, gallery_size, chunk, images, kind, names, compared)
 
 
 def _fingerprint_line(item: BenchItem, images: Images) -> str:
