@@ -60,3 +60,107 @@ def group_scores(columns: Mapping[str, torch.Tensor], main: str, dim: int = -1) 
     if group_column(main) == GROUP_COLUMN:
         return GROUP_COLUMN, ict_hp_group(columns["ict"], columns["hp_logit"], dim=dim)
     return main, columns[main]
+
+
+# ------------------------------------------------------------------------------------------------ rewards
+
+
+#: added to the group's standard deviation in :func:`group_advantages` (flow_grpo's PerPromptStatTracker)
+ADVANTAGE_EPS = 1e-4
+
+
+def parse_weighted(spec: str, what: str = "reward") -> list[tuple[str, float]]:
+    """``"ict_hp"`` -> ``[("ict_hp", 1.0)]``; ``"ict_hp:1,pickscore:0.5"`` -> weighted terms (finite weights).
+
+    The grammar of ``icthp finetune``'s ``reward`` and ``icthp serve --reward``.
+
+    Example:
+        >>> parse_weighted("ict_hp:1, pickscore:0.5")
+        [('ict_hp', 1.0), ('pickscore', 0.5)]
+    """
+    import math
+
+    terms: list[tuple[str, float]] = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        name, _, weight = part.partition(":")
+        try:
+            value = float(weight) if weight.strip() else 1.0
+        except ValueError:
+            raise ValueError(f"{what} {spec!r}: weight of {name.strip()!r} is not a number: {weight!r}") from None
+        if not math.isfinite(value):
+            raise ValueError(f"{what} {spec!r}: weight of {name.strip()!r} must be finite, got {weight!r}")
+        terms.append((name.strip(), value))
+    if not terms:
+        raise ValueError(f"{what}: expected a name or a name:weight list, got an empty string")
+    names = [n for n, _ in terms]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{what} {spec!r}: a name appears twice")
+    return terms
+
+
+def reward_terms(spec: str | None, columns: list[str], main: str) -> list[tuple[str, float]]:
+    """The score columns (and weights) a served reward sums: ``None`` -> the main column alone.
+
+    Model names are accepted for their columns (``ict-hp`` for ``ict_hp``); an unknown name lists the columns.
+
+    Example:
+        >>> reward_terms("ict-hp:1,pickscore:0.5", ["ict", "hp", "hp_logit", "ict_hp", "pickscore"], "ict_hp")
+        [('ict_hp', 1.0), ('pickscore', 0.5)]
+        >>> reward_terms(None, ["hp", "hp_logit"], "hp")
+        [('hp', 1.0)]
+    """
+    if spec is None or not spec.strip():
+        return [(main, 1.0)]
+    terms = []
+    for name, weight in parse_weighted(spec):
+        column = name.replace("-", "_") if name not in columns else name
+        if column not in columns:
+            raise ValueError(f"reward {spec!r}: {name!r} is not a served score column; the columns are "
+                             f"{', '.join(columns)} (serve a baseline with --baseline to add its column)")
+        terms.append((column, weight))
+    return terms
+
+
+def reward_name(terms: list[tuple[str, float]]) -> str:
+    """``[("ict_hp", 1.0), ("pickscore", 0.5)]`` -> ``"ict_hp + 0.5*pickscore"``."""
+    return " + ".join(n if w == 1 else f"{w:g}*{n}" for n, w in terms)
+
+
+def weighted_reward(columns: Mapping[str, torch.Tensor], terms: list[tuple[str, float]]) -> torch.Tensor:
+    """``sum(weight * column)`` in float32.
+
+    Example:
+        >>> weighted_reward({"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.0, 4.0])}, [("a", 1), ("b", 0.5)])
+        tensor([1., 4.])
+    """
+    total = None
+    for name, weight in terms:
+        part = columns[name].float() * weight
+        total = part if total is None else total + part
+    assert total is not None
+    return total
+
+
+def group_advantages(rewards, prompts, eps: float = ADVANTAGE_EPS):
+    """Per-prompt normalised rewards, as GRPO trainers compute them: within the images of each prompt,
+    ``(r - mean) / (std + eps)`` with the population standard deviation (flow_grpo's ``PerPromptStatTracker``
+    over one batch). A prompt with one image gets 0. ``prompts=None``: all images are one group.
+
+    Example:
+        >>> group_advantages([1.0, 3.0, 5.0, 5.0], ["a", "a", "b", "b"]).round(3).tolist()
+        [-1.0, 1.0, 0.0, 0.0]
+    """
+    import numpy as np
+
+    r = np.asarray(rewards, dtype=np.float64)
+    out = np.zeros_like(r)
+    keys = ["" for _ in range(len(r))] if prompts is None else list(prompts)
+    if len(keys) != len(r):
+        raise ValueError(f"prompts: expected {len(r)} (one per reward), got {len(keys)}")
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(keys):
+        groups.setdefault(p, []).append(i)
+    for idx in groups.values():
+        values = r[idx]
+        out[idx] = (values - values.mean()) / (values.std() + eps)
+    return out

@@ -32,9 +32,13 @@ def serve(
     body_timeout: Annotated[float, typer.Option(help="Seconds a request has to send its whole body (408 after).")] = 60.0,
     keep_alive: Annotated[float, typer.Option(help="Seconds an idle keep-alive connection is kept.")] = 5.0,
     compile_towers: Annotated[bool, typer.Option("--compile", help="torch.compile the image towers.")] = False,
+    reward: Annotated[str | None, typer.Option(help="The reward RL trainers receive: a score column or a weighted sum, e.g. ict_hp or 'ict_hp:1,pickscore:0.5' (default: the model's main score).")] = None,
+    advantages: Annotated[bool, typer.Option(help="Return per-prompt normalised rewards (GRPO advantages) by default; requests can ask either way.")] = False,
+    pickle_path: Annotated[str, typer.Option(help="Where the pickle protocol of ddpo / flow_grpo / reward-server clients is answered (POST); 'off' to disable.")] = "/",
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> int:
-    """Serve the reward over HTTP (POST /v1/score, GET /v1/models, /health, /metrics, a web page at /).
+    """Serve the reward over HTTP (POST /v1/score, GET /v1/models, /health, /metrics, a web page at /), and to RL
+    trainers in their pickle protocol (POST /, as ddpo / flow_grpo remote rewards post).
 
     Example: icthp serve --ict tiny-random --hp tiny-random --port 8000   (then open http://127.0.0.1:8000/)
     """
@@ -50,8 +54,13 @@ def serve(
                       max_request_bytes=int(max_request_mb * 1024 * 1024), max_prompt_chars=max_prompt_chars,
                       max_queue_images=max_queue_images, max_connections=max_connections,
                       header_timeout_s=header_timeout, body_timeout_s=body_timeout, keep_alive_s=keep_alive,
-                      compile=compile_towers)
-    cfg.validate()
+                      compile=compile_towers, reward=reward, advantages=advantages,
+                      pickle_path=None if pickle_path.lower() in ("off", "none", "") else pickle_path)
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        ui.err.print(f"[red]error:[/] {exc}")
+        return 2
     ui.setup_logging(True)
     ui.err.print(f"icthp serve: http://{host}:{port}/  ({model.value}; auth {'on' if cfg.token else 'off'})",
                  highlight=False)

@@ -23,16 +23,9 @@ def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
         >>> parse_reward_spec("ict-hp:1, aesthetic:0.05")
         [('ict-hp', 1.0), ('aesthetic', 0.05)]
     """
-    terms = []
-    for part in (p.strip() for p in spec.split(",") if p.strip()):
-        name, _, weight = part.partition(":")
-        try:
-            terms.append((name.strip(), float(weight) if weight else 1.0))
-        except ValueError:
-            raise ValueError(f"reward {spec!r}: weight of {name!r} is not a number: {weight!r}") from None
-    if not terms:
-        raise ValueError("reward: expected a model name or name:weight list, got an empty string")
-    return terms
+    from ..scores import parse_weighted
+
+    return parse_weighted(spec, "reward")
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """The FastAPI application of ``icthp serve``: app factory, routes, limits, auth and start-up.
 
 Routes: ``POST /v1/score``, ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text), ``GET /``
-(a small web page), plus FastAPI's ``/openapi.json`` and ``/docs``.
+(a small web page), ``POST`` on ``pickle_path`` (default ``/``: the pickle protocol of RL trainers,
+:mod:`icthp.serve.pickled`), plus FastAPI's ``/openapi.json`` and ``/docs``.
 """
 
 from __future__ import annotations
@@ -17,16 +18,18 @@ from importlib import resources
 import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from ..scores import group_scores
+from ..scores import ADVANTAGE_EPS, group_advantages, group_scores, reward_name, reward_terms, weighted_reward
 from ..scoring import Scorer, to_device
 from .batching import BatcherClosed, DynamicBatcher, QueueFull
 from .config import ServeConfig
 from .inputs import RequestError, ScoreRequest, decode_one, parse_form, parse_json
 from .metrics import ServiceMetrics
+from .pickled import answer as pickle_answer
+from .pickled import parse_pickle
 from .schema import SCORE_REQUEST_BODY, HealthResponse, ModelsResponse, ScoreResponse
 
 logger = logging.getLogger("icthp.serve")
@@ -44,7 +47,8 @@ class ServedModels:
     ``pickscore``). Each network gets the images preprocessed its own way.
     """
 
-    def __init__(self, name: str, scorer: Scorer, baselines: dict[str, Scorer] | None = None):
+    def __init__(self, name: str, scorer: Scorer, baselines: dict[str, Scorer] | None = None, *,
+                 reward: str | None = None, advantages: bool = False):
         self.name = name
         self.scorer = scorer
         self.baselines = dict(baselines or {})
@@ -58,6 +62,17 @@ class ServedModels:
             self.columns += list(b.component_names)
         self.needs_prompt = scorer.needs_prompt or any(b.needs_prompt for b in self.baselines.values())
         self.preprocess_configs = list(dict.fromkeys([scorer.preprocess] + [b.preprocess for b in self.baselines.values()]))
+        #: what RL trainers receive: (column, weight) terms summed (the main column by default)
+        self.reward_terms = reward_terms(reward, self.columns, self.main)
+        self.reward_name = reward_name(self.reward_terms)
+        self.advantages = advantages
+
+    def reward(self, columns: dict[str, torch.Tensor], prompts: list[str] | None,
+               advantages: bool | None) -> tuple[list[float], list[float] | None]:
+        """The served reward of each image, and (asked for, or the service's default) its per-prompt advantage."""
+        values = weighted_reward(columns, self.reward_terms)
+        wanted = self.advantages if advantages is None else advantages
+        return values.tolist(), (group_advantages(values.numpy(), prompts).tolist() if wanted else None)
 
     @property
     def untrained(self) -> bool:
@@ -91,6 +106,9 @@ class ServedModels:
             "dtype": main["dtype"],
             "image_size": self.preprocess.size,
             "tokenization": main["tokenization"],
+            "reward": {"name": self.reward_name, "terms": [[c, w] for c, w in self.reward_terms],
+                       "advantages": self.advantages, "advantages_eps": ADVANTAGE_EPS,
+                       "advantages_rule": "per prompt within a request: (r - mean) / (std + eps), population std"},
             "components": public(main),
             "baselines": [{"name": bname, "columns": d["columns"], "main": d["main"], "tokenization": d["tokenization"],
                            "components": public(d)} for bname, d in ((n, b.describe()) for n, b in self.baselines.items())],
@@ -117,7 +135,7 @@ def load_models(config: ServeConfig) -> ServedModels:
     if config.compile:
         for s in (scorer, *baselines.values()):
             s.compile()
-    return ServedModels(config.model, scorer, baselines)
+    return ServedModels(config.model, scorer, baselines, reward=config.reward, advantages=config.advantages)
 
 
 # ------------------------------------------------------------------------------------------------ state
@@ -187,7 +205,8 @@ class _Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         limit = self.service.config.max_request_bytes
-        endpoint = scope["path"] if scope["path"] in _ENDPOINTS else "other"
+        path = scope["path"]
+        endpoint = path if path in _ENDPOINTS or path == self.service.config.pickle_path else "other"
         status = [500]
 
         async def send_counted(message):
@@ -359,6 +378,19 @@ def create_app(config: ServeConfig | None = None, *, models: ServedModels | None
             raise RequestError(415, "unsupported_media_type",
                                f"Content-Type {content_type or '(none)'}: expected application/json or "
                                "multipart/form-data")
+        columns, t1, t2 = await score_parsed(parsed)
+        values, advantages = loaded.reward(columns, parsed.prompts, parsed.advantages)
+        body = {"n": parsed.n, "model": loaded.name, "main": loaded.main, "untrained": loaded.untrained,
+                "scores": {k: v.tolist() for k, v in columns.items()}, "ranking": _ranking(parsed, columns, loaded),
+                "reward": {"name": loaded.reward_name, "values": values, "advantages": advantages},
+                "timing_ms": {"decode": round(1000 * (t1 - t0), 3), "model": round(1000 * (t2 - t1), 3),
+                              "total": round(1000 * (t2 - t0), 3)}}
+        service.metrics.images.inc(parsed.n)
+        service.metrics.latency.observe(time.perf_counter() - t0)
+        return JSONResponse(body)
+
+    async def score_parsed(parsed: ScoreRequest) -> tuple[dict[str, torch.Tensor], float, float]:
+        """Decode, then queue for the model -> (score columns, time decoded, time scored)."""
         inputs = await service.prepare(parsed)
         t1 = time.perf_counter()
         assert service.batcher is not None
@@ -369,14 +401,47 @@ def create_app(config: ServeConfig | None = None, *, models: ServedModels | None
                                headers={"Retry-After": "1"}) from None
         except BatcherClosed as exc:
             raise RequestError(503, "shutting_down", str(exc)) from None
-        t2 = time.perf_counter()
-        body = {"n": parsed.n, "model": loaded.name, "main": loaded.main, "untrained": loaded.untrained,
-                "scores": {k: v.tolist() for k, v in columns.items()}, "ranking": _ranking(parsed, columns, loaded),
-                "timing_ms": {"decode": round(1000 * (t1 - t0), 3), "model": round(1000 * (t2 - t1), 3),
-                              "total": round(1000 * (t2 - t0), 3)}}
-        service.metrics.images.inc(parsed.n)
-        service.metrics.latency.observe(time.perf_counter() - t0)
-        return JSONResponse(body)
+        return columns, t1, time.perf_counter()
+
+    if config.pickle_path is not None:
+        @app.post(config.pickle_path, include_in_schema=False)
+        async def pickled(request: Request):
+            """The pickle protocol of ddpo / flow_grpo / reward-server clients (:mod:`icthp.serve.pickled`)."""
+            t0 = time.perf_counter()
+            _pickle_auth(request)
+            loaded = require_ready()
+            body = await request.body()
+            try:
+                parsed = await asyncio.get_running_loop().run_in_executor(
+                    service.decode_pool, parse_pickle, body, config, loaded.needs_prompt)
+            except RequestError as exc:
+                # Those clients cannot show the answer's body: the reason goes to the service's log.
+                logger.warning("refused a pickled request from %s: %s", request.client.host if request.client
+                               else "?", exc.message)
+                raise
+            del body
+            columns, _, _ = await score_parsed(parsed)
+            values, advantages = loaded.reward(columns, parsed.prompts, parsed.advantages)
+            answer = pickle_answer(values, {k: v.tolist() for k, v in columns.items()}, reward=loaded.reward_name,
+                                   model=loaded.name, untrained=loaded.untrained, advantages=advantages)
+            service.metrics.images.inc(parsed.n)
+            service.metrics.latency.observe(time.perf_counter() - t0)
+            return Response(answer, media_type="application/octet-stream")
+
+    def _pickle_auth(request: Request) -> None:
+        """The bearer token, or ``?token=`` in the URL for trainers whose client cannot add a header (the URL
+        is all their config holds)."""
+        if not config.token:
+            return
+        query = request.query_params.get("token")
+        if query is not None:
+            if not hmac.compare_digest(query.encode(), config.token.encode()):
+                raise RequestError(401, "unauthorized", "wrong token in the URL (?token=...)")
+            return
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), config.token.encode()):
+            raise RequestError(401, "unauthorized", "missing or wrong token (Authorization: Bearer <token>, or "
+                                                    "?token=<token> in the URL)", headers={"WWW-Authenticate": "Bearer"})
 
     return app
 

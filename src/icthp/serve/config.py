@@ -52,6 +52,12 @@ class ServeConfig:
         keep_alive_s: an idle keep-alive connection is closed after this many seconds.
         decode_workers: threads decoding and resizing images.
         compile: ``torch.compile`` the image towers at start-up.
+        reward: the reward returned to RL trainers (``reward`` of ``/v1/score``, ``scores`` of the pickle
+            protocol): a score column or a weighted sum of columns, ``"ict_hp"`` or ``"ict_hp:1,pickscore:0.5"``;
+            ``None``: the model's main column.
+        advantages: return per-prompt normalised rewards by default (a request can ask either way).
+        pickle_path: where the pickle protocol of ddpo / flow_grpo / reward-server clients is answered
+            (``POST``; default ``/``, where they post); ``None`` turns it off.
     """
 
     model: str = "ict-hp"
@@ -76,6 +82,9 @@ class ServeConfig:
     keep_alive_s: float = 5.0
     decode_workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
     compile: bool = False
+    reward: str | None = None
+    advantages: bool = False
+    pickle_path: str | None = "/"
 
     def validate(self) -> ServeConfig:
         """Check values and the loopback/token rule; returns self.
@@ -101,6 +110,14 @@ class ServeConfig:
         if self.max_queue_images < self.max_images_per_request:
             raise ValueError(f"max_queue_images ({self.max_queue_images}) must be >= max_images_per_request "
                              f"({self.max_images_per_request}), or a full request could never be admitted")
+        if self.pickle_path is not None and (not self.pickle_path.startswith("/") or self.pickle_path.startswith(
+                ("/v1/", "/health", "/metrics", "/docs", "/openapi.json"))):
+            raise ValueError(f"pickle_path: expected a path starting with / and outside /v1/, /health, /metrics, "
+                             f"/docs, got {self.pickle_path!r}")
+        if self.reward is not None:
+            from ..scores import parse_weighted
+
+            parse_weighted(self.reward)  # names are checked against the served columns once models load
         from ..registry import parse_model_arg
 
         for spec in self.baselines:

@@ -48,11 +48,14 @@ class RequestError(Exception):
 
 @dataclass
 class ScoreRequest:
-    """A checked request: either encoded ``blobs`` or a uint8 ``array`` ``[B, H, W, C]``; prompts per image."""
+    """A checked request: either encoded ``blobs`` or a uint8 ``array`` ``[B, H, W, C]``; prompts per image; whether
+    per-prompt advantages are asked for."""
 
     blobs: list[bytes] | None
     array: np.ndarray | None
     prompts: list[str] | None
+    #: per-prompt advantages asked for (``None``: the service's default)
+    advantages: bool | None = None
 
     @property
     def n(self) -> int:
@@ -169,10 +172,13 @@ def parse_json(body: bytes, config: ServeConfig, needs_prompt: bool) -> ScoreReq
         raise RequestError(400, "invalid_json", "request body is nested too deeply") from None
     if not isinstance(payload, dict):
         raise RequestError(400, "invalid_json", "request body: expected a JSON object")
-    unknown = set(payload) - {"prompt", "prompts", "images", "array"}
+    unknown = set(payload) - {"prompt", "prompts", "images", "array", "advantages"}
     if unknown:
         raise RequestError(400, "invalid_json", f"unknown field(s) {sorted(unknown)}; expected prompt, prompts, "
-                                                "images, array")
+                                                "images, array, advantages")
+    advantages = payload.get("advantages")
+    if advantages is not None and not isinstance(advantages, bool):
+        raise RequestError(400, "invalid_json", f"advantages: expected true or false, got {advantages!r}")
     images, array = payload.get("images"), payload.get("array")
     if (images is None) == (array is None):
         raise RequestError(400, "no_images", "send exactly one of 'images' (base64 list) or 'array'")
@@ -191,15 +197,16 @@ def parse_json(body: bytes, config: ServeConfig, needs_prompt: bool) -> ScoreReq
         blobs, arr = None, array_from_bytes(_b64(array.get("data"), "array.data"), shape)
     n = len(blobs) if blobs is not None else shape[0]
     return ScoreRequest(blobs, arr, check_prompts(payload.get("prompt"), payload.get("prompts"), n, needs_prompt,
-                                                  config))
+                                                  config), advantages)
 
 
 async def parse_form(form, config: ServeConfig, needs_prompt: bool) -> ScoreRequest:
     """A parsed starlette form (``await request.form(...)``) -> :class:`ScoreRequest`."""
-    unknown = set(form.keys()) - {"prompt", "prompts", "images", "array", "shape"}
+    unknown = set(form.keys()) - {"prompt", "prompts", "images", "array", "shape", "advantages"}
     if unknown:
         raise RequestError(400, "invalid_form", f"unknown form field(s) {sorted(unknown)}; expected prompt, "
-                                                "prompts, images, array, shape")
+                                                "prompts, images, array, shape, advantages")
+    advantages = _form_bool(form.get("advantages"), "advantages")
     files, array = form.getlist("images"), form.get("array")
     if files and array is not None:
         raise RequestError(400, "invalid_form", "send either 'images' files or one 'array', not both")
@@ -211,14 +218,25 @@ async def parse_form(form, config: ServeConfig, needs_prompt: bool) -> ScoreRequ
         shape = parse_shape(form.get("shape"), config)
         check_count(shape[0], config)
         arr = array_from_bytes(await array.read(), shape)
-        return ScoreRequest(None, arr, check_prompts(prompt, prompts, shape[0], needs_prompt, config))
+        return ScoreRequest(None, arr, check_prompts(prompt, prompts, shape[0], needs_prompt, config), advantages)
     check_count(len(files), config)
     blobs = []
     for i, f in enumerate(files):
         if isinstance(f, str):
             raise RequestError(400, "invalid_form", f"images[{i}]: expected a file part, got a text field", index=i)
         blobs.append(await f.read())
-    return ScoreRequest(blobs, None, check_prompts(prompt, prompts, len(blobs), needs_prompt, config))
+    return ScoreRequest(blobs, None, check_prompts(prompt, prompts, len(blobs), needs_prompt, config), advantages)
+
+
+def _form_bool(value: object, name: str) -> bool | None:
+    if value is None:
+        return None
+    text = str(value).strip().lower() if isinstance(value, str) else None
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise RequestError(400, "invalid_form", f"{name}: expected true or false, got {value!r}")
 
 
 def decode_one(request: ScoreRequest, i: int, config: ServeConfig) -> Image.Image:

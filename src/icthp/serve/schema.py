@@ -13,6 +13,15 @@ class Ranking(BaseModel):
     order: list[int] = Field(description="image indices, best first")
 
 
+class Reward(BaseModel):
+    name: str = Field(description="what the server was told to return (icthp serve --reward): a score column or a "
+                                  "weighted sum, e.g. 'ict_hp' or 'ict_hp + 0.5*pickscore'")
+    values: list[float] = Field(description="the reward of each image, in request order")
+    advantages: list[float] | None = Field(description="when asked for (request field advantages, or icthp serve "
+                                                       "--advantages): per prompt within the request, (r - mean) / "
+                                                       "(std + 1e-4), population std")
+
+
 class ScoreResponse(BaseModel):
     n: int = Field(description="number of images scored")
     model: str
@@ -21,6 +30,7 @@ class ScoreResponse(BaseModel):
     scores: dict[str, list[float]] = Field(description="one list per score column (ict, hp, hp_logit, ict_hp, and "
                                                        "each served baseline's, e.g. pickscore), in request order")
     ranking: Ranking | None = Field(description="present when all images share one prompt")
+    reward: Reward
     timing_ms: dict[str, float]
 
 
@@ -42,6 +52,8 @@ class ModelsResponse(BaseModel):
     image_size: int
     tokenization: str | None = Field(None, description="how prompts become token ids: open_clip (the released "
                                      "evaluation's text cleaning) or transformers; null: the model reads no prompt")
+    reward: dict = Field(description="the reward returned to RL trainers: name, terms [[column, weight]], whether "
+                                     "advantages are returned by default, and their rule")
     components: list[dict]
     baselines: list[dict] = Field(default_factory=list, description="baselines served beside the model")
     limits: dict[str, int | float]
@@ -51,6 +63,8 @@ class ModelsResponse(BaseModel):
 _PROMPTS = {
     "prompt": {"type": "string", "description": "one prompt for every image"},
     "prompts": {"type": "array", "items": {"type": "string"}, "description": "one prompt per image"},
+    "advantages": {"type": "boolean", "description": "also return per-prompt advantages of the reward (default: "
+                                                     "the service's --advantages)"},
 }
 
 SCORE_REQUEST_BODY = {
