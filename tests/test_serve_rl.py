@@ -205,8 +205,10 @@ def test_malicious_pickles_never_run_and_get_400(server, tmp_path):
     try:
         for name, body in _hostile(tmp_path).items():
             r = httpx.post(server.url, content=body, timeout=30)
-            assert r.status_code == 400, (name, r.status_code, r.text[:300])
-            assert r.json()["error"]["code"] in ("invalid_pickle", "no_images", "invalid_image"), (name, r.text)
+            assert r.status_code == 400, (name, r.status_code, r.content[:300])
+            answer = safe_loads(r.content)  # errors are pickled too: those clients pickle.loads every answer
+            assert answer["code"] in ("invalid_pickle", "no_images", "invalid_image"), (name, answer)
+            assert answer["error"].startswith(answer["code"] + ": ")
     finally:
         copyreg.remove_extension("os", "system", 1)
     assert not (tmp_path / "pwned").exists()
@@ -237,15 +239,15 @@ def _nested(n: int) -> list:
 def test_limits_apply_to_pickled_bodies(server):
     too_many = pickle.dumps({"images": [b"x"] * 17, "prompts": ["p"]})
     r = httpx.post(server.url, content=too_many, timeout=30)
-    assert r.status_code == 413 and r.json()["error"]["code"] == "too_many_images"
+    assert r.status_code == 413 and safe_loads(r.content)["code"] == "too_many_images"
     huge = pickle.dumps({"images": [b"\0" * (5 * 1024 * 1024)], "prompts": ["p"]})
     assert httpx.post(server.url, content=huge, timeout=30).status_code == 413
     corrupt = pickle.dumps({"images": [b"\xff\xd8 not a jpeg"], "prompts": ["p"]})
     r = httpx.post(server.url, content=corrupt, timeout=30)
-    assert r.status_code == 400 and r.json()["error"]["index"] == 0
+    assert r.status_code == 400 and safe_loads(r.content)["index"] == 0
     missing_prompt = pickle.dumps({"images": [jpeg(image_array(1, 16, 16))]})
     r = httpx.post(server.url, content=missing_prompt, timeout=30)
-    assert r.status_code == 400 and r.json()["error"]["code"] == "missing_prompt"
+    assert r.status_code == 400 and safe_loads(r.content)["code"] == "missing_prompt"
 
 
 # ------------------------------------------------------------------------------------------- reward, advantages
@@ -320,3 +322,16 @@ def test_the_pickle_route_can_be_moved_or_turned_off(ict_hp):
         assert httpx.post(s.url + "/", content=payload, timeout=30).status_code == 405
     with ServerThread(create_app(ServeConfig(decode_workers=1, pickle_path=None), models=models)) as s:
         assert httpx.post(s.url + "/", content=payload, timeout=30).status_code == 405
+
+
+def test_a_verl_omni_style_body_and_its_error_key(server, ict_hp):
+    """verl-omni's HTTP scorer client: {"images", "prompts", "metadata": {}} -> {"scores"}; errors carry "error"."""
+    arrays = [image_array(70 + i, 40, 40) for i in range(2)]
+    blobs = [jpeg(a) for a in arrays]
+    payload = {"images": blobs, "prompts": ["a kite", "a kite"], "metadata": {}}
+    answer = pickle.loads(httpx.post(server.url, content=pickle.dumps(payload), timeout=30).content)
+    expected = ict_hp.score_images_all([Image.open(io.BytesIO(b)) for b in blobs], ["a kite"] * 2)
+    np.testing.assert_allclose(answer["scores"], expected.ict_hp.numpy(), atol=1e-6)
+    bad = pickle.loads(httpx.post(server.url, content=pickle.dumps({"images": [b"no"], "prompts": ["x"],
+                                                                    "metadata": {}}), timeout=30).content)
+    assert "scores" not in bad and bad["error"].startswith("invalid_image: images[0]")

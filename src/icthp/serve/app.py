@@ -29,6 +29,7 @@ from .config import ServeConfig
 from .inputs import RequestError, ScoreRequest, decode_one, parse_form, parse_json
 from .metrics import ServiceMetrics
 from .pickled import answer as pickle_answer
+from .pickled import error as pickle_error
 from .pickled import parse_pickle
 from .schema import SCORE_REQUEST_BODY, HealthResponse, ModelsResponse, ScoreResponse
 
@@ -406,21 +407,24 @@ def create_app(config: ServeConfig | None = None, *, models: ServedModels | None
     if config.pickle_path is not None:
         @app.post(config.pickle_path, include_in_schema=False)
         async def pickled(request: Request):
-            """The pickle protocol of ddpo / flow_grpo / reward-server clients (:mod:`icthp.serve.pickled`)."""
+            """The pickle protocol of ddpo / flow_grpo / reward-server / verl-omni clients
+            (:mod:`icthp.serve.pickled`). Errors answer a pickled ``{"error": ..., "code": ...}`` with the 4xx/5xx
+            status: those clients ``pickle.loads`` whatever comes back."""
             t0 = time.perf_counter()
-            _pickle_auth(request)
-            loaded = require_ready()
-            body = await request.body()
             try:
+                _pickle_auth(request)
+                loaded = require_ready()
+                body = await request.body()
                 parsed = await asyncio.get_running_loop().run_in_executor(
                     service.decode_pool, parse_pickle, body, config, loaded.needs_prompt)
+                del body
+                columns, _, _ = await score_parsed(parsed)
             except RequestError as exc:
-                # Those clients cannot show the answer's body: the reason goes to the service's log.
-                logger.warning("refused a pickled request from %s: %s", request.client.host if request.client
-                               else "?", exc.message)
-                raise
-            del body
-            columns, _, _ = await score_parsed(parsed)
+                if exc.status < 500:  # those clients rarely show the answer: the reason goes to the log too
+                    logger.warning("refused a pickled request from %s: %s %s: %s",
+                                   request.client.host if request.client else "?", exc.status, exc.code, exc.message)
+                return Response(pickle_error(exc.status, exc.code, exc.message, exc.index), status_code=exc.status,
+                                headers=exc.headers, media_type="application/octet-stream")
             values, advantages = loaded.reward(columns, parsed.prompts, parsed.advantages)
             answer = pickle_answer(values, {k: v.tolist() for k, v in columns.items()}, reward=loaded.reward_name,
                                    model=loaded.name, untrained=loaded.untrained, advantages=advantages)

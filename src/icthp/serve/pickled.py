@@ -356,3 +356,10 @@ def answer(values: list[float], columns: dict[str, list[float]], *, reward: str,
     body = {"scores": returned, "outputs": returned, "rewards": values, "advantages": advantages,
             "columns": columns, "reward": reward, "model": model, "untrained": untrained}
     return pickle.dumps(body, protocol=ANSWER_PROTOCOL)
+
+
+def error(status: int, code: str, message: str, index: int | None = None) -> bytes:
+    """A pickled error answer, ``{"error": "code: message", "code", "status", "index"}`` (verl-omni's HTTP scorer
+    client reads ``error``; the others fail on the missing ``scores`` with this in the body)."""
+    return pickle.dumps({"error": f"{code}: {message}", "code": code, "status": status, "index": index},
+                        protocol=ANSWER_PROTOCOL)
