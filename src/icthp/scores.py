@@ -14,6 +14,8 @@ from collections.abc import Mapping
 
 import torch
 
+from .advantages import ADVANTAGE_EPS, group_advantages  # noqa: F401 (re-exported: the reward's rules live here)
+
 #: the column holding ``ict * softmax_group(hp_logit)``, which ICT-HP ranks and compares by
 GROUP_COLUMN = "ict_hp_group"
 
@@ -63,10 +65,6 @@ def group_scores(columns: Mapping[str, torch.Tensor], main: str, dim: int = -1) 
 
 
 # ------------------------------------------------------------------------------------------------ rewards
-
-
-#: added to the group's standard deviation in :func:`group_advantages` (flow_grpo's PerPromptStatTracker)
-ADVANTAGE_EPS = 1e-4
 
 
 def parse_weighted(spec: str, what: str = "reward") -> list[tuple[str, float]]:
@@ -139,28 +137,3 @@ def weighted_reward(columns: Mapping[str, torch.Tensor], terms: list[tuple[str, 
         total = part if total is None else total + part
     assert total is not None
     return total
-
-
-def group_advantages(rewards, prompts, eps: float = ADVANTAGE_EPS):
-    """Per-prompt normalised rewards, as GRPO trainers compute them: within the images of each prompt,
-    ``(r - mean) / (std + eps)`` with the population standard deviation (flow_grpo's ``PerPromptStatTracker``
-    over one batch). A prompt with one image gets 0. ``prompts=None``: all images are one group.
-
-    Example:
-        >>> group_advantages([1.0, 3.0, 5.0, 5.0], ["a", "a", "b", "b"]).round(3).tolist()
-        [-1.0, 1.0, 0.0, 0.0]
-    """
-    import numpy as np
-
-    r = np.asarray(rewards, dtype=np.float64)
-    out = np.zeros_like(r)
-    keys = ["" for _ in range(len(r))] if prompts is None else list(prompts)
-    if len(keys) != len(r):
-        raise ValueError(f"prompts: expected {len(r)} (one per reward), got {len(keys)}")
-    groups: dict[str, list[int]] = {}
-    for i, p in enumerate(keys):
-        groups.setdefault(p, []).append(i)
-    for idx in groups.values():
-        values = r[idx]
-        out[idx] = (values - values.mean()) / (values.std() + eps)
-    return out
