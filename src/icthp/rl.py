@@ -49,7 +49,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .client import AsyncRewardClient, RewardClient, ScoreResult, _is_tensor, _to_hwc_uint8
+from .client import AsyncRewardClient, RewardClient, ScoreResult
+from .client._common import _is_tensor, _to_hwc_uint8
 
 PREPROCESS = ("released", "tensor")
 
