@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -21,6 +22,7 @@ from typing import Any
 
 import torch
 
+from .bench.compute import Shard
 from .choices import ON_ERROR
 from .errors import JobError
 from .files import (
@@ -28,6 +30,7 @@ from .files import (
     InputError,
     Journal,
     check_output,
+    check_table_path,
     journal_path,
     meta_path,
     read_rows,
@@ -156,6 +159,17 @@ def _add_ranks(rows: list[dict[str, Any]], main: str) -> None:
             members[i]["rank"] = rank
 
 
+def check_prompts_given(scorer: Scorer, items: Sequence[ImageItem]) -> None:
+    """Refuse items without a prompt for a model that needs one, before anything is scored."""
+    if scorer.needs_prompt:
+        missing = [it.image for it in items if it.prompt is None]
+        if missing:
+            raise InputError(
+                f"{len(missing)} image(s) have no prompt (first: {missing[0]}); model {scorer.name!r} needs one: "
+                "pass --prompt, or a manifest with a prompt column"
+            )
+
+
 def rank_column(main: str) -> str:
     """The column that ``rank`` follows for a model whose main score is ``main`` (:func:`group_column`)."""
     return group_column(main)
@@ -173,11 +187,13 @@ def run_score_job(
     num_workers: int | None = None,
     metadata: dict[str, Any] | None = None,
     progress: Callable[[int], None] | None = None,
+    reuse: Sequence[str | Path] = (),
 ) -> ScoreJobResult:
     """Score ``items`` with ``scorer``; write ``output`` (CSV / JSONL / Parquet) if given.
 
     Args:
-        resume: reuse rows already scored in ``output`` or its journal (``<output>.partial.jsonl``).
+        resume: reuse rows already scored in ``output`` or its journal (``<output>.partial.jsonl``), and in the
+            finished outputs ``reuse`` (of the same model: a process's share reuses the merged table).
         overwrite: replace an existing ``output`` (otherwise an existing one is an error unless resuming).
         on_error: ``"skip"`` (record the error, go on) or ``"fail"`` (stop at the first unreadable image).
         progress: called with the number of images just finished.
@@ -190,13 +206,7 @@ def run_score_job(
         raise ValueError(f"on_error: expected one of {', '.join(ON_ERROR)}, got {on_error!r}")
     if not items:
         raise InputError("no images to score")
-    if scorer.needs_prompt:
-        missing = [it.image for it in items if it.prompt is None]
-        if missing:
-            raise InputError(
-                f"{len(missing)} image(s) have no prompt (first: {missing[0]}); model {scorer.name!r} needs one: "
-                "pass --prompt, or a manifest with a prompt column"
-            )
+    check_prompts_given(scorer, items)
     start = time.perf_counter()
     columns = scorer.component_names or (scorer.name,)
     identity = scorer_identity(scorer)
@@ -211,6 +221,10 @@ def run_score_job(
                 previous = read_rows(out_path)
             if journal_file.exists():
                 check_same_job(Journal.header(journal_file), identity, journal_file)
+            for other in map(Path, reuse):
+                if other.exists():
+                    check_same_job(_output_identity(other), identity, other)
+                    previous = read_rows(other) + previous
             for r in previous + Journal.read(journal_file):
                 if not r.get("error"):
                     done[(r["image"], r.get("prompt") or None)] = r
@@ -287,3 +301,178 @@ def _output_identity(path: Path) -> dict[str, Any] | None:
         return json.loads(meta.read_text(encoding="utf-8")).get("identity")
     except (OSError, ValueError, AttributeError):
         return None
+
+
+# --------------------------------------------------------------------------------------------- several processes
+
+
+def process_shard() -> Shard:
+    """This process's rank and the number of processes, from the launcher's environment: ``RANK`` /
+    ``WORLD_SIZE`` (torchrun, ``accelerate launch``), else ``LOCAL_RANK`` / ``LOCAL_WORLD_SIZE``; one process
+    (rank 0 of 1) otherwise. No process group is created: the processes never talk to each other.
+
+    Raises:
+        InputError: a variable that is not a rank (``RANK=x``, a rank past the world size).
+    """
+    env = os.environ
+    try:
+        if "RANK" in env or "WORLD_SIZE" in env:
+            return Shard.from_env()
+        if "LOCAL_RANK" in env:
+            return Shard(int(env["LOCAL_RANK"]), max(1, int(env.get("LOCAL_WORLD_SIZE", "1"))))
+    except ValueError as exc:
+        raise InputError(f"the launcher's environment (RANK / WORLD_SIZE / LOCAL_RANK): {exc}") from None
+    return Shard()
+
+
+def rank_path(output: str | os.PathLike, rank: int, world_size: int) -> Path:
+    """Where process ``rank`` of ``world_size`` writes its share of ``output``: ``<output>.rank-R-of-N.jsonl``
+    (JSONL whatever ``output``'s format: types survive the round trip, and it needs no pyarrow)."""
+    return Path(f"{output}.rank-{rank}-of-{world_size}.jsonl")
+
+
+def share_bounds(n: int, shard: Shard) -> tuple[int, int]:
+    """The contiguous items ``[first, last)`` of ``n`` that process ``shard.rank`` scores (sizes differ by at most one).
+
+    Example:
+        >>> [share_bounds(5, Shard(r, 2)) for r in (0, 1)]
+        [(0, 2), (2, 5)]
+    """
+    return n * shard.rank // shard.world_size, n * (shard.rank + 1) // shard.world_size
+
+
+def items_digest(items: Sequence[ImageItem]) -> str:
+    """A hash of the item list (paths, prompts, roles, groups, in order): the processes of one job agree on it."""
+    h = hashlib.sha256()
+    for it in items:
+        h.update(json.dumps([it.image, it.prompt, it.role, it.group]).encode("utf-8", "surrogatepass") + b"\n")
+    return h.hexdigest()
+
+
+def run_score_share(
+    scorer: Scorer,
+    items: Sequence[ImageItem],
+    *,
+    output: str | Path,
+    shard: Shard,
+    resume: bool = False,
+    overwrite: bool = False,
+    metadata: dict[str, Any] | None = None,
+    **job: Any,
+) -> ScoreJobResult:
+    """Score process ``shard.rank``'s share of ``items`` (:func:`share_bounds`) into :func:`rank_path`; the other
+    arguments as :func:`run_score_job`. Every process checks the whole list's prompts, so none of them starts a
+    job another refuses.
+
+    With ``resume``, rows of ``output`` (a table merged before) and of this share's own file and journal are reused;
+    with ``overwrite``, this share's previous file is deleted first, so a merge can never take it for a new one.
+    """
+    if not items:
+        raise InputError("no images to score")
+    check_prompts_given(scorer, items)
+    out = check_table_path(output)
+    part = rank_path(out, shard.rank, shard.world_size)
+    if overwrite:
+        for old in (part, meta_path(part), journal_path(part)):
+            old.unlink(missing_ok=True)
+    first, last = share_bounds(len(items), shard)
+    metadata = {**(metadata or {}), "processes": {
+        "rank": shard.rank, "world_size": shard.world_size, "items": len(items), "first": first, "last": last,
+        "items_digest": items_digest(items), "main": scorer.main_component or scorer.name}}
+    if first == last:  # more processes than items: an empty share, so that the merge finds every process's file
+        check_output(part, resume=resume, overwrite=overwrite)
+        write_table([], part, {**metadata, "identity": scorer_identity(scorer)})
+        return ScoreJobResult([], 0, 0, [], part)
+    return run_score_job(scorer, items[first:last], output=part, resume=resume, overwrite=overwrite,
+                         metadata=metadata, reuse=[out] if resume else [], **job)
+
+
+@dataclass
+class MergeResult:
+    """What :func:`merge_rank_outputs` wrote: ``rows`` of ``world_size`` processes into ``output``."""
+
+    rows: list[dict[str, Any]]
+    output: Path
+    world_size: int
+
+
+def _same(a: Any, b: Any) -> bool:
+    return json.loads(json.dumps(a)) == json.loads(json.dumps(b))  # tuples and lists compare equal
+
+
+def merge_rank_outputs(output: str | Path, *, overwrite: bool = False) -> MergeResult:
+    """Join the shares of a multi-process ``icthp score`` (``<output>.rank-R-of-N.jsonl``, every one finished, of
+    one model and one item list) into ``output``, in rank order, with ranks and ``ict_hp_group`` computed over the
+    whole table: the table one process writes, row for row. The share files are deleted once ``output`` is written.
+
+    Raises:
+        InputError: no share, a process's share missing or unfinished (its journal is there), shares of different
+            models, item lists or process counts, or an ``output`` of another model (without ``overwrite``).
+    """
+    out = check_table_path(output)
+    pattern = re.compile(re.escape(out.name) + r"\.rank-(\d+)-of-(\d+)\.jsonl$")
+    found: dict[int, dict[int, Path]] = defaultdict(dict)
+    if out.parent.is_dir():
+        for p in out.parent.iterdir():
+            m = pattern.match(p.name)
+            if m:
+                found[int(m.group(2))][int(m.group(1))] = p
+    if not found:
+        raise InputError(f"nothing to merge: no {out}.rank-R-of-N.jsonl beside {out} (the shares each process of "
+                         "`torchrun` / `accelerate launch -m icthp.cli score ... --output` writes)")
+    if len(found) > 1:
+        raise InputError(f"shares of runs with different process counts ({', '.join(map(str, sorted(found)))}) beside "
+                         f"{out}; delete the stale ones ({out}.rank-R-of-N.jsonl)")
+    world, parts = next(iter(found.items()))
+    for r in range(world):
+        part = rank_path(out, r, world)
+        if journal_path(part).exists():
+            raise InputError(f"process {r} of {world} has not finished: {journal_path(part)} holds its rows so far; rerun "
+                             "the launcher with --resume, then merge")
+        if r not in parts:
+            raise InputError(f"process {r} of {world} has not written its share {part} (still running, or it failed: "
+                             "rerun the launcher with --resume), so there is nothing complete to merge")
+    metas = []
+    for r in range(world):
+        meta = _read_meta(parts[r])
+        procs = meta.get("processes") or {}
+        if meta.get("identity") is None or procs.get("world_size") != world or procs.get("rank") != r:
+            raise InputError(f"{meta_path(parts[r])} does not describe process {r} of {world}; rerun with --overwrite")
+        metas.append(meta)
+    first = metas[0]
+    for r, meta in enumerate(metas[1:], 1):
+        if not _same(meta["identity"], first["identity"]):
+            raise InputError(f"process {r}'s share was written by another model or setting than process 0's; rerun "
+                             "every process with the same model, weights and --dtype (--overwrite)")
+        if meta["processes"]["items_digest"] != first["processes"]["items_digest"]:
+            raise InputError(f"process {r} scored another list of images than process 0 (inputs changed between the "
+                             "processes' starts?); rerun every process with --overwrite")
+    identity, main = first["identity"], first["processes"]["main"]
+    if out.exists() and not overwrite and not _same(_output_identity(out), identity):
+        raise InputError(f"{out} exists and was written by another model or setting; pass --overwrite to replace it")
+    columns = identity["columns"]
+    rows = []
+    for r in range(world):
+        for raw in read_rows(parts[r]):
+            item = ImageItem(raw["image"], raw.get("prompt"), raw.get("role"), raw.get("group"))
+            rows.append(_row(item, columns, {c: _as_float(raw.get(c)) for c in columns}, raw.get("error") or None))
+    expected = first["processes"]["items"]
+    if len(rows) != expected:
+        raise InputError(f"the shares hold {len(rows)} rows for {expected} images; rerun every process with --overwrite")
+    _add_ranks(rows, main)
+    metadata = {k: v for k, v in first.items() if k != "processes"}
+    write_table(rows, out, {**metadata, "processes": world})
+    for r in range(world):
+        for p in (parts[r], meta_path(parts[r])):
+            p.unlink(missing_ok=True)
+    return MergeResult(rows, out, world)
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(meta_path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        meta = None
+    if not isinstance(meta, dict):
+        raise InputError(f"{path} has no readable {meta_path(path).name}: it cannot be merged; rerun with --overwrite")
+    return meta
