@@ -74,6 +74,15 @@ def _require_pyarrow(what: str):
     return pq
 
 
+def cache_dir() -> Path:
+    """Root of icthp's cache (``$ICTHP_CACHE``, else ``$XDG_CACHE_HOME/icthp``, else ``~/.cache/icthp``)."""
+    env = os.environ.get("ICTHP_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "icthp"
+
+
 def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Read a JSONL, CSV or Parquet table into a list of dicts.
 

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from .checkpoints import PRESET_MARKER, save_hp, save_ict
+from .files import cache_dir
 from .modeling import architecture_dict, build_clip, build_hp, clip_config, restore_position_ids
 from .registry import TINY_RANDOM
 
@@ -42,15 +43,6 @@ logger = logging.getLogger(__name__)
 
 TINY_ARCHITECTURE = "clip-tiny"
 UNTRAINED_WARNING = "tiny-random preset: UNTRAINED random weights, scores are meaningless (for tests and demos only)"
-
-
-def cache_dir() -> Path:
-    """Root of icthp's cache (``$ICTHP_CACHE``, else ``$XDG_CACHE_HOME/icthp``, else ``~/.cache/icthp``)."""
-    env = os.environ.get("ICTHP_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "icthp"
 
 
 def random_state(module: torch.nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:

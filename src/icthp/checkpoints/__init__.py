@@ -20,7 +20,11 @@ naming the keys. Only ``*.position_ids`` buffers may differ (they changed across
 An HP backbone file may hold the full ``CLIPModel`` (as released) or only the vision tower; the text
 tower is checked and dropped, never kept in memory.
 
-``.bin`` files are read with ``torch.load(weights_only=True)``: no code in a checkpoint is ever run.
+``.bin`` files are read with ``torch.load(weights_only=True)``: no code in a checkpoint is ever run. A released
+``.bin`` of 64 MiB or more, once read and checked, is copied into icthp's cache as a verified safetensors file
+that later loads memory-map instead (:mod:`.weights_cache`: keyed by the file's size, mtime and a hash of its ends,
+checked on every load, rebuilt when damaged; ``ICTHP_WEIGHTS_CACHE=0`` turns it off, ``weights_cache.clear()``
+or deleting ``$ICTHP_CACHE/weights`` empties it).
 Nothing in a checkpoint directory is trusted: ``config.json`` is checked against the architecture bounds of
 :mod:`icthp.modeling` before any network is built, ``icthp.json`` against the types its fields must have,
 and every floating tensor used must be finite (a NaN or Inf weight would only show as NaN scores).
@@ -38,6 +42,7 @@ Example:
 from __future__ import annotations
 
 from ..choices import CHECKPOINT_LAYOUTS
+from . import weights_cache
 from .reading import (
     DTYPES,
     FORMAT_NAME,
@@ -101,4 +106,5 @@ __all__ = [
     "resolve_source",
     "save_hp",
     "save_ict",
+    "weights_cache",
 ]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -27,6 +27,7 @@ from ..modeling import (
     config_to_dict,
     restore_position_ids,
 )
+from . import weights_cache
 
 logger = logging.getLogger("icthp.checkpoints")
 
@@ -303,7 +304,7 @@ def assign_weights(
     dtype: torch.dtype,
     device,
     fp32_prefixes: tuple[str, ...] = (),
-    file_backed: bool = False,
+    file_backed: bool | Collection[str] = False,
 ) -> None:
     """Assign ``state`` into ``module`` (built on meta), emptying ``state`` as it goes.
 
@@ -313,18 +314,27 @@ def assign_weights(
 
     ``file_backed``: the tensors are views of a memory-mapped file (safetensors). ``.to`` returns them
     unchanged when device and dtype already match, so they are copied: otherwise rewriting the checkpoint
-    in place would change the model's weights, or crash it with SIGBUS once the file is truncated.
+    in place would change the model's weights, or crash it with SIGBUS once the file is truncated. A collection
+    names the keys that are file-backed (the others are the loader's own memory). Views of icthp's weights cache
+    (:mod:`.weights_cache`) are not file-backed in this sense: icthp never rewrites an entry in place.
 
     Example:
         >>> model = build_clip(cfg)  # on the meta device  # doctest: +SKIP
         >>> assign_weights(model, read_state_dict("ICT/pytorch_model.bin"), torch.bfloat16, "cuda")  # doctest: +SKIP
     """
+    release = getattr(state, "release", None)  # a weights-cache mapping (weights_cache.MappedState)
+
     def cast(k: str, v: torch.Tensor) -> torch.Tensor:
         if not v.is_floating_point():
             out = v.to(device)
         else:
             out = v.to(device=device, dtype=torch.float32 if k.startswith(fp32_prefixes) else dtype)
-        return v.clone() if (file_backed and out is v) else out
+        backed = file_backed if isinstance(file_backed, bool) else k in file_backed
+        if backed and out is v:
+            return v.clone()
+        if release is not None and out is not v:
+            release(v)  # converted: its mapped float32 pages need not stay resident
+        return out
 
     sd = {k: cast(k, state.pop(k)) for k in list(state) if not k.endswith("position_ids")}
     state.clear()
@@ -433,18 +443,42 @@ def load_ict(
             f"no ICT weights in {directory}: expected one of {', '.join((WEIGHTS_SAFETENSORS, *RELEASED_WEIGHTS))}"
         )
     cfg, had_config = _read_config(directory)
-    state = read_state_dict(weights)
+    # A released .bin read before: its verified safetensors copy, mapped (weights_cache).
+    cached = weights_cache.load(weights, "all") if weights_cache.eligible(weights) else None
     model = build_clip(cfg)
-    check_keys(_expected_shapes(model), state, f"ICT checkpoint {weights}", _no_config_hint(had_config))
-    check_finite(state, f"ICT checkpoint {weights}")
+    expected = _expected_shapes(model)
+    if cached is not None and not _entry_fits(expected, cached, weights, "all"):
+        cached = None
+    state = cached if cached is not None else read_state_dict(weights)
+    check_keys(expected, state, f"ICT checkpoint {weights}", _no_config_hint(had_config))
+    if cached is None:
+        check_finite(state, f"ICT checkpoint {weights}")
+        if weights_cache.eligible(weights):
+            weights_cache.store(weights, "all", state)
     target = resolve_dtype(dtype)
     file_dtype = float_dtypes(state)
+    release = getattr(state, "release", None)
     assign_weights(model, state, target, torch.device(device), file_backed=weights.suffix == ".safetensors")
     model.eval().requires_grad_(False)
+    if release is not None:
+        # The text tower runs once per distinct prompt (the scorers cache prompt embeddings): its mapped pages
+        # need not stay resident beside the image towers (weights_cache.release_after_use).
+        weights_cache.release_after_use(model.text_model, release)
     layout = FORMAT_NAME if meta.get("format") == FORMAT_NAME else "released"
     info = CheckpointInfo("ict", str(source), str(directory), layout, config_to_dict(cfg), file_dtype,
                           bool(meta.get("untrained", False)), [str(weights)])
     return model, info
+
+
+def _entry_fits(expected: Mapping[str, torch.Size], cached: Mapping[str, torch.Tensor], source: Path, part: str) -> bool:
+    """Whether a weights-cache entry holds exactly the tensors the model expects; if not, it is discarded with a
+    warning (the source file, read instead, then says what is wrong with it, if anything)."""
+    try:
+        check_keys(expected, cached, f"weights cache entry of {source}")
+    except CheckpointError as exc:
+        weights_cache.discard(source, part, str(exc))
+        return False
+    return True
 
 
 _TEXT_PREFIXES = ("text_model.", "text_projection.", "logit_scale")
@@ -469,6 +503,7 @@ class _HPRead(NamedTuple):
     state: dict[str, torch.Tensor]  # backbone keys, then ``head.*``
     files: list[str]
     meta: dict[str, Any]
+    file_backed: bool | frozenset[str] | set[str] = True  # which tensors are views of a user's file (copied)
 
 
 def load_hp(
@@ -494,9 +529,9 @@ def load_hp(
     ours = meta.get("format") == FORMAT_NAME and (directory / WEIGHTS_SAFETENSORS).is_file()
     layout = FORMAT_NAME if ours else "released"
     # Unpacked, not kept: assign_weights empties ``state`` as it goes, so nothing else may hold the tensors.
-    model, cfg, state, files, meta = (_read_hp_icthp if ours else _read_hp_released)(directory, meta)
+    model, cfg, state, files, meta, file_backed = (_read_hp_icthp if ours else _read_hp_released)(directory, meta)
     file_dtype = float_dtypes(state)
-    assign_weights(model, state, target, dev, ("head.",), file_backed=True)
+    assign_weights(model, state, target, dev, ("head.",), file_backed=file_backed)
     model.eval().requires_grad_(False)
     info = CheckpointInfo("hp", str(source), str(directory), layout, config_to_dict(cfg), file_dtype,
                           bool(meta.get("untrained", False)), files)
@@ -539,18 +574,32 @@ def _read_hp_released(directory: Path, meta: dict[str, Any]) -> _HPRead:
     cfg, had_config = _read_config(backbone_dir)
     if not had_config:
         cfg, had_config = _read_config(directory)
+    # A released .bin read before: the verified safetensors copy of its vision part, mapped (see load_ict).
+    cached = weights_cache.load(bb_file, "vision") if weights_cache.eligible(bb_file) else None
     model = build_hp(cfg)
-    full_expected = _expected_shapes(build_clip(cfg))
-    # Mapped, not read: the text tower of a released (full CLIPModel) file is never read from disk.
-    mapped = bb_file.suffix != ".safetensors" and _is_zip(bb_file)
-    state = read_state_dict(bb_file, mmap=mapped)
-    backbone_state = _split_backbone(state, full_expected, f"HP backbone {bb_file}", _no_config_hint(had_config))
-    del state  # the text tower of a full CLIPModel file is freed here, before anything else is allocated
-    # Only the vision part is checked: the text tower of the file is never read, nor used.
-    check_finite(backbone_state, f"HP backbone {bb_file}")
+    where = f"HP backbone {bb_file}"
+    vision_expected = {k: v for k, v in _expected_shapes(model).items() if k.startswith(_VISION_PREFIXES)}
+    if cached is not None and _entry_fits(vision_expected, cached, bb_file, "vision"):
+        backbone_state, file_backed = cached, False
+    else:
+        full_expected = _expected_shapes(build_clip(cfg))
+        # Mapped, not read: the text tower of a released (full CLIPModel) file is never read from disk.
+        mapped = bb_file.suffix != ".safetensors" and _is_zip(bb_file)
+        state = read_state_dict(bb_file, mmap=mapped)
+        backbone_state = _split_backbone(state, full_expected, where, _no_config_hint(had_config))
+        del state  # the text tower of a full CLIPModel file is freed here, before anything else is allocated
+        # Only the vision part is checked: the text tower of the file is never read, nor used.
+        check_finite(backbone_state, where)
+        file_backed = True
+        if weights_cache.eligible(bb_file):
+            weights_cache.store(bb_file, "vision", backbone_state)
     head_state = read_state_dict(mlp_file)
     check_keys(_expected_shapes(model.head), head_state, f"HP head {mlp_file}",
                f"The head's input width must equal the CLIP projection dim ({cfg.projection_dim}).")
     check_finite(head_state, f"HP head {mlp_file}")
-    state = {**backbone_state, **{f"head.{k}": v for k, v in head_state.items()}}
-    return _HPRead(model, cfg, state, [str(bb_file), str(mlp_file)], meta)
+    state = weights_cache.MappedState({**backbone_state, **{f"head.{k}": v for k, v in head_state.items()}},
+                                      getattr(backbone_state, "release", None))
+    backed = {k for k in backbone_state} if file_backed else set()
+    if mlp_file.suffix == ".safetensors":
+        backed |= {f"head.{k}" for k in head_state}
+    return _HPRead(model, cfg, state, [str(bb_file), str(mlp_file)], meta, backed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -10,6 +11,8 @@ import torch
 from ..checkpoints import HubDownloadError, resolve_dtype
 from ..registry import get_spec, scorer_class, weight_routes
 from .base import Scorer
+
+logger = logging.getLogger("icthp.scoring")
 
 
 def load(
@@ -47,6 +50,7 @@ def load(
     spec = get_spec(name)
     cls = scorer_class(name)
     common = dict(device=device, dtype=resolve_dtype(dtype), revision=revision)
+    _warn_if_emulated(common["dtype"], device)
     if spec.family == "baseline":
         if ict is not None or hp is not None:
             raise ValueError(f"model {name!r} is a baseline: give its weights as weights=..., not ict/hp")
@@ -66,3 +70,18 @@ def load(
         # the error names the component that failed first; the other one would fail next
         both = " and ".join(f"`{weight_routes(part)[0]}`" for part in ("ict", "hp"))
         raise HubDownloadError(f"{exc} {name} reads both the ICT and the HP weights: name both ({both}).") from exc
+
+
+def _warn_if_emulated(dtype: torch.dtype, device: str | torch.device) -> None:
+    """On a CPU without bfloat16 / float16 matrix units (AVX512-BF16, AMX, AVX512-FP16), half-precision towers
+    run emulated: measured ~5x slower than float32 on an AVX2-only EPYC (benchmarks/bench_score_job.py)."""
+    if dtype == torch.float32 or torch.device(device).type != "cpu":
+        return
+    probe = "_is_mkldnn_bf16_supported" if dtype == torch.bfloat16 else "_is_mkldnn_fp16_supported"
+    try:
+        native = bool(getattr(torch.ops.mkldnn, probe)())
+    except (AttributeError, RuntimeError):
+        return
+    if not native:
+        logger.warning("%s on this CPU is emulated (no AVX512-BF16/AMX/AVX512-FP16): the towers run several times "
+                       "slower than in float32; use float32 here", str(dtype).replace("torch.", ""))
