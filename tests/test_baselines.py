@@ -651,3 +651,34 @@ def test_clip_reads_its_preprocessor_config(weights, tmp_path):
     (directory / "preprocessor_config.json").write_text(json.dumps({**config, "resample": 2}), encoding="utf-8")
     with pytest.raises(CheckpointError, match=r"preprocessing not supported by icthp: resample 2 \(only 3, bicubic\)"):
         CLIPScorer.from_pretrained(directory)
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"size": {"shortest_edge": 10**9}, "crop_size": {"height": 10**9, "width": 10**9}},
+     r"size: expected an integer in \[1, 4096\], got 1000000000"),
+    ({"size": {"shortest_edge": 256}, "crop_size": {"height": 256, "width": 256}},
+     r"crop_size 256 != the model's image_size 224 \(the image tower takes 224 x 224 pixels\)"),
+    ({"size": {"shortest_edge": 0}}, r"size: expected an integer in \[1, 4096\], got 0"),
+    ({"size": "abc"}, r"size: expected an integer in \[1, 4096\], got 'abc'"),
+    ({"size": True}, r"size: expected an integer in \[1, 4096\], got True"),
+    ({"size": {"height": 224, "width": 300}}, r"size: expected an integer or \{\"shortest_edge\": N\}"),
+    ({"crop_size": {"height": 224, "width": 200}}, r"crop_size: height 224 != width 200"),
+    ({"image_std": [0, 0.25, 0.25]}, r"image_std: expected 3 finite numbers, each in \(0, 100\]"),
+    ({"image_std": [float("nan"), 0.25, 0.25]}, r"image_std: expected 3 finite numbers"),
+    ({"image_mean": [0.5, 0.5]}, r"image_mean: expected 3 finite numbers, each in \[-100, 100\], got \[0.5, 0.5\]"),
+    ({"image_mean": ["a", 0.5, 0.5]}, r"image_mean: expected 3 finite numbers"),
+    ({"image_mean": [1e300, 0.5, 0.5]}, r"image_mean: expected 3 finite numbers"),
+    ({"resample": "bicubic"}, r"resample: expected an integer"),
+    ({"do_resize": "no"}, r"do_resize: expected true or false, got 'no'"),
+])
+def test_clip_preprocessor_config_is_bounded(weights, tmp_path, edit, message):
+    # Values of a downloaded preprocessor_config.json are checked before any image is resized with them: a
+    # huge size would allocate gigabytes per image, a zero std divides by zero (inf scores), a string would
+    # raise a bare ValueError, and a crop the towers cannot take would fail deep inside the model.
+    directory = Path(shutil.copytree(weights["clip"], tmp_path / "clip"))
+    config = {"crop_size": {"height": 224, "width": 224}, "size": {"shortest_edge": 224}, "resample": 3,
+              "image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25], "do_center_crop": True}
+    path = directory / "preprocessor_config.json"
+    path.write_text(json.dumps({**config, **edit}), encoding="utf-8")
+    with pytest.raises(CheckpointError, match=r"preprocessor_config\.json: " + message):
+        CLIPScorer.from_pretrained(directory)

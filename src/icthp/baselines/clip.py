@@ -23,7 +23,7 @@ from torch import nn
 
 from ..checkpoints import CheckpointInfo, fetch_directory, first_existing
 from ..errors import CheckpointError
-from ..modeling import architecture_dict, clip_config
+from ..modeling import MAX_IMAGE_SIZE, architecture_dict, clip_config
 from ..preprocess import PreprocessConfig
 from ..registry import CLIP_H, offline_hint
 from ..scoring.clip import CLIPCosineScorer
@@ -65,22 +65,63 @@ def processor_config(directory: Path, image_size: int) -> PreprocessConfig:
         return PreprocessConfig(size=image_size)
     cfg = read_json(path)
 
-    def side(value: Any, key: str) -> int:
-        return int(value[key]) if isinstance(value, dict) else int(value)
+    def bad(key: str, expected: str) -> CheckpointError:
+        return CheckpointError(f"{path}: {key}: expected {expected}, got {cfg[key]!r}")
 
-    shortest = side(cfg.get("size", image_size), "shortest_edge")
-    crop = side(cfg.get("crop_size", shortest), "height")
+    def integer(key: str, value: Any, low: int, high: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise CheckpointError(f"{path}: {key}: expected an integer in [{low}, {high}], got {value!r}")
+        return value
+
+    def flag(key: str) -> bool:
+        if not isinstance(cfg.get(key, True), bool):
+            raise bad(key, "true or false")
+        return cfg.get(key, True)
+
+    def numbers(key: str, default: tuple[float, ...], low: float, high: float, closed_low: bool) -> tuple:
+        # json.loads reads NaN and Infinity: finite values are checked like any other bound
+        value = cfg.get(key, list(default))
+        span = f"{'[' if closed_low else '('}{low:g}, {high:g}]"
+        if (not isinstance(value, list) or len(value) != 3
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value)
+                or not all(math.isfinite(x) and (low <= x if closed_low else low < x) and x <= high for x in value)):
+            raise CheckpointError(f"{path}: {key}: expected 3 finite numbers, each in {span}, got {value!r}")
+        return tuple(float(x) for x in value)
+
+    size = cfg.get("size", image_size)
+    if isinstance(size, dict):
+        if "shortest_edge" not in size:
+            raise bad("size", 'an integer or {"shortest_edge": N} (resizing to a fixed height x width '
+                              "is not supported by icthp)")
+        size = size["shortest_edge"]
+    shortest = integer("size", size, 1, MAX_IMAGE_SIZE)
+    crop = cfg.get("crop_size", shortest)
+    if isinstance(crop, dict):
+        if crop.keys() != {"height", "width"}:
+            raise bad("crop_size", 'an integer or {"height": N, "width": N}')
+        if crop["height"] != crop["width"]:
+            raise CheckpointError(f"{path}: crop_size: height {crop['height']!r} != width {crop['width']!r} "
+                                  "(CLIP towers take square images)")
+        crop = crop["height"]
+    crop = integer("crop_size", crop, 1, MAX_IMAGE_SIZE)
+    resample = cfg.get("resample", 3)
+    if isinstance(resample, bool) or not isinstance(resample, int):
+        raise bad("resample", "an integer (PIL's resampling filter; 3 is bicubic)")
+    do_crop, do_resize = flag("do_center_crop"), flag("do_resize")
+    mean = numbers("image_mean", PreprocessConfig.mean, -100.0, 100.0, closed_low=True)
+    std = numbers("image_std", PreprocessConfig.std, 0.0, 100.0, closed_low=False)
     unsupported = []
     if shortest != crop:
         unsupported.append(f"size {shortest} != crop_size {crop}")
-    if int(cfg.get("resample", 3)) != 3:
-        unsupported.append(f"resample {cfg['resample']} (only 3, bicubic)")
-    if not cfg.get("do_center_crop", True) or not cfg.get("do_resize", True):
+    if resample != 3:
+        unsupported.append(f"resample {resample} (only 3, bicubic)")
+    if not do_crop or not do_resize:
         unsupported.append("no resize or no centre crop")
     if unsupported:
         raise CheckpointError(f"{path}: preprocessing not supported by icthp: {'; '.join(unsupported)}")
-    mean = tuple(float(x) for x in cfg.get("image_mean", PreprocessConfig.mean))
-    std = tuple(float(x) for x in cfg.get("image_std", PreprocessConfig.std))
+    if crop != image_size:
+        raise CheckpointError(f"{path}: crop_size {crop} != the model's image_size {image_size} (the image tower "
+                              f"takes {image_size} x {image_size} pixels)")
     return PreprocessConfig(size=crop, mean=mean, std=std)  # type: ignore[arg-type]
 
 
