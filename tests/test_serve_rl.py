@@ -23,6 +23,8 @@ pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn, python
 httpx = pytest.importorskip("httpx")
 
 from _serving import ServerThread, image_array  # noqa: E402
+from icthp.registry import get_spec, score_columns  # noqa: E402
+from icthp.registry import names as list_model_names  # noqa: E402
 from icthp.serve import ServeConfig, create_app  # noqa: E402
 from icthp.serve.app import ServedModels  # noqa: E402
 from icthp.serve.pickled import safe_loads  # noqa: E402
@@ -312,6 +314,33 @@ def test_server_default_advantages_and_bad_reward_names(ict_hp):
         ServeConfig(reward="ict_hp:x").validate()
     with pytest.raises(ValueError, match="pickle_path"):
         ServeConfig(pickle_path="/v1/score").validate()
+
+
+def test_a_reward_naming_an_unserved_column_is_refused_at_start_up():
+    # Checked with the settings, before any weights load: a typo in --reward used to surface only at /health
+    # after the models loaded (minutes for CLIP-H), while the process kept running.
+    with pytest.raises(ValueError, match=r"reward 'pickscore:1': 'pickscore' is not a served score column; "
+                                         r"the columns are ict, hp, hp_logit, ict_hp \(serve a baseline"):
+        ServeConfig(reward="pickscore:1").validate()
+    with pytest.raises(ValueError, match=r"'ict' is not a served score column; the columns are hp, hp_logit"):
+        ServeConfig(model="hp", reward="ict").validate()
+    ServeConfig(reward="ict-hp:1,pickscore:0.5", baselines=["pickscore"]).validate()
+    with pytest.raises(ValueError, match=r"model: expected one of ict, hp, ict-hp, got 'pickscore'"):
+        ServeConfig(model="pickscore").validate()
+    ServeConfig(model="hp", reward="hp_logit", baselines=["hpsv2.1=/somewhere"]).validate()
+    with pytest.raises(ValueError, match=r"the columns are hp, hp_logit, hpsv2_1"):
+        ServeConfig(model="hp", reward="hpsv2", baselines=["hpsv2.1"]).validate()
+
+
+@pytest.mark.parametrize("name", list_model_names())
+def test_registry_columns_are_the_scorers_columns(name):
+    # The table the start-up check reads must say what the loaded scorer serves.
+    from icthp import load
+
+    kwargs = ({"weights": "tiny-random"} if get_spec(name).family == "baseline"
+              else {part: "tiny-random" for part in get_spec(name).components})
+    scorer = load(name, **kwargs)
+    assert score_columns(name) == tuple(scorer.component_names)
 
 
 def test_the_pickle_route_can_be_moved_or_turned_off(ict_hp):

@@ -48,6 +48,8 @@ class ModelSpec:
         options: keyword arguments of the class's ``from_pretrained`` that select this model
             (``version="v2.1"`` for HPSv2.1).
         preprocessing: how images are turned into the model's input (as the release does).
+        columns: the score columns its scorer returns (``component_names``; the first the main score for
+            baselines), known before any weights load (``icthp serve --reward`` is checked against them).
     """
 
     name: str
@@ -64,6 +66,7 @@ class ModelSpec:
     scorer: str = ""
     options: dict[str, Any] = field(default_factory=dict)
     preprocessing: str = "shortest side to 224 (bicubic), centre crop 224, OpenAI CLIP mean/std"
+    columns: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -77,6 +80,7 @@ MODELS: dict[str, ModelSpec] = {
     for spec in (
         ModelSpec(
             name="ict",
+            columns=("ict",),
             scorer="icthp.scoring:ICTScorer",
             components=("ict",),
             ict_source="8y/ICT",
@@ -89,6 +93,7 @@ MODELS: dict[str, ModelSpec] = {
         ),
         ModelSpec(
             name="hp",
+            columns=("hp", "hp_logit"),
             scorer="icthp.scoring:HPScorer",
             components=("hp",),
             ict_source=None,
@@ -101,6 +106,7 @@ MODELS: dict[str, ModelSpec] = {
         ),
         ModelSpec(
             name="ict-hp",
+            columns=("ict", "hp", "hp_logit", "ict_hp"),
             scorer="icthp.scoring:ICTHPScorer",
             components=("ict", "hp"),
             ict_source="8y/ICT",
@@ -119,7 +125,8 @@ def _baseline(name: str, weights: str, needs_prompt: bool, score_range: str, mea
               licence: str, scorer: str, preprocessing: str, **options: Any) -> ModelSpec:
     return ModelSpec(name=name, components=(), ict_source=None, hp_source=None, needs_prompt=needs_prompt,
                      score_range=score_range, meaning=meaning, source=source, licence=licence, family="baseline",
-                     weights=weights, scorer=scorer, options=options, preprocessing=preprocessing)
+                     weights=weights, scorer=scorer, options=options, preprocessing=preprocessing,
+                     columns=(name.replace(".", "_"),))
 
 
 _CLIP_PREPROCESSING = "shortest side to 224 (bicubic), centre crop 224, OpenAI CLIP mean/std (CLIPImageProcessor)"
@@ -180,6 +187,16 @@ def get_spec(name: str) -> ModelSpec:
         return MODELS[name]
     except KeyError:
         raise KeyError(f"unknown model {name!r}; expected one of: {', '.join(MODELS)}") from None
+
+
+def score_columns(name: str) -> tuple[str, ...]:
+    """The score columns model ``name`` returns, without loading it.
+
+    Example:
+        >>> score_columns("hp"), score_columns("hpsv2.1")
+        (('hp', 'hp_logit'), ('hpsv2_1',))
+    """
+    return get_spec(name).columns
 
 
 def names(family: str | None = None) -> tuple[str, ...]:

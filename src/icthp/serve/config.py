@@ -114,17 +114,22 @@ class ServeConfig:
                 ("/v1/", "/health", "/metrics", "/docs", "/openapi.json"))):
             raise ValueError(f"pickle_path: expected a path starting with / and outside /v1/, /health, /metrics, "
                              f"/docs, got {self.pickle_path!r}")
-        if self.reward is not None:
-            from ..scores import parse_weighted
+        from ..registry import names, parse_model_arg, score_columns
 
-            parse_weighted(self.reward)  # names are checked against the served columns once models load
-        from ..registry import parse_model_arg
-
+        if self.model not in names("icthp"):
+            raise ValueError(f"model: expected one of {', '.join(names('icthp'))}, got {self.model!r} "
+                             "(baselines are served beside it: baselines=[...])")
+        columns = list(score_columns(self.model))
         for spec in self.baselines:
             try:
-                parse_model_arg(spec, "baseline")
+                columns += score_columns(parse_model_arg(spec, "baseline")[0])
             except ValueError as exc:
                 raise ValueError(f"baselines: {exc}") from None
+        if self.reward is not None:
+            from ..scores import reward_terms
+
+            # before any weights load: a typo must not cost the minutes CLIP-H takes to load
+            reward_terms(self.reward, columns, main=columns[0])  # main: unused when a reward is named
         if not is_loopback(self.host) and not self.token:
             raise ValueError(f"host {self.host!r} accepts connections from other machines: a bearer token is "
                              f"required (--token or ${TOKEN_ENV})")
