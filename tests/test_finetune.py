@@ -213,7 +213,9 @@ def test_cli_finetune_on_a_saved_tiny_pipeline(prompts_file, tmp_path, capsys):
 
 def test_two_processes_train_with_accelerate(prompts_file, tmp_path):
     """`accelerate launch --num_processes 2` (DDP over gloo on CPU): each process samples its own prompts, the
-    LoRA gradients are averaged, the main process evaluates and writes; no collective is left waiting."""
+    LoRA gradients are averaged, the main process evaluates and writes; no collective is left waiting, also when
+    the main process stops early (its decision reaches every process: the others used to keep training alone,
+    waiting forever in their next gradient all-reduce)."""
     import subprocess
     import sys
     from pathlib import Path
@@ -222,14 +224,17 @@ def test_two_processes_train_with_accelerate(prompts_file, tmp_path):
     launcher = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     res = subprocess.run([*launcher, "-m", "icthp.cli", "finetune", f"pipeline={pipe_dir}", f"prompts={prompts_file}",
-                          f"output_dir={tmp_path / 'out'}", "heldout_count=2", "resolution=32", "max_steps=3",
+                          f"output_dir={tmp_path / 'out'}", "heldout_count=2", "resolution=32", "max_steps=5",
                           "ict=tiny-random", "hp=tiny-random", "monitor=hp", "lora_rank=2", "lora_alpha=2",
-                          "gradient_accumulation_steps=1", "eval_every=1", "save_every=2"],
-                         capture_output=True, text=True, timeout=600)
+                          "gradient_accumulation_steps=1", "eval_every=1", "save_every=2",
+                          # the step-0 evaluation sets the best; no later one beats it by 10: stop after step 2
+                          "early_stop_patience=2", "early_stop_min_delta=10"],
+                         capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "train/reward" in r] == [1, 2, 3]  # logged once, by the main process
-    assert [r["step"] for r in rows if "heldout/monitor" in r] == [0, 1, 2, 3]
+    assert [r["step"] for r in rows if "train/reward" in r] == [1, 2]  # logged once, by the main process
+    assert [r["step"] for r in rows if "heldout/monitor" in r] == [0, 1, 2]
+    assert [r["step"] for r in rows if r.get("event") == "early_stop"] == [2]
     fresh = tiny_sd3_pipeline()
     fresh.load_lora_weights(str(tmp_path / "out" / "lora"))
 

@@ -387,7 +387,7 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, pipe=None, reward: Re
         >>> pipe.load_lora_weights(summary["lora"])  # doctest: +SKIP
     """
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, set_seed
     from tqdm.auto import tqdm
 
     cfg.validate()
@@ -538,6 +538,12 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, pipe=None, reward: Re
                         state["stopped_early"] = True
                         log.write({"step": step, "event": "early_stop",
                                    "reason": f"held-out monitor did not improve for {state['evals_since_best']} evaluations"})
+            if accelerator.num_processes > 1:
+                # Only the main process evaluates, so only it can decide to stop: every process takes its
+                # early-stopping state, or the others would train on alone and wait forever in the next all-reduce.
+                shared = [{k: state[k] for k in ("best_monitor", "evals_since_best", "stopped_early")}]
+                broadcast_object_list(shared, from_process=0)
+                state.update(shared[0])
         if step % cfg.save_every == 0 or is_last or state["stopped_early"]:
             save(accelerator, pipe, out, cfg, state, {"steps": step, "config": cfg.to_dict(), **about})
     bar.close()
