@@ -11,6 +11,7 @@ import torch
 pytest.importorskip("diffusers", reason="the finetune extra (diffusers, peft) is not installed")
 pytest.importorskip("peft", reason="the finetune extra (diffusers, peft) is not installed")
 
+from icthp.errors import InputError
 from icthp.finetune.config import FinetuneConfig, load_finetune_config
 from icthp.finetune.draft import DraftSampler, denoiser_of
 from icthp.finetune.rewards import Reward, load_reward, parse_reward_spec, straight_through_clamp
@@ -251,3 +252,22 @@ def test_example_script_runs():
     lines = res.stdout.strip().splitlines()
     assert lines[0].startswith("reward at fixed seeds before:") and lines[-1].startswith("reward at fixed seeds after:")
     assert [line.split(":")[0] for line in lines[1:-1]] == ["step 1", "step 2"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("learning_rate=nan", r"learning_rate: expected a finite number > 0, got nan"),
+    ("learning_rate=-1", r"learning_rate: expected a finite number > 0, got -1"),
+    ("lora_alpha=0", r"lora_alpha: expected a finite number > 0, got 0"),
+    ("max_grad_norm=inf", r"max_grad_norm: expected a finite number > 0, got inf"),
+    ("weight_decay=-0.1", r"weight_decay: expected a finite number >= 0, got -0.1"),
+    ("kl_weight=nan", r"kl_weight: expected a finite number >= 0, got nan"),
+    ("guidance_scale=-2", r"guidance_scale: expected a finite number >= 0, got -2"),
+    ("early_stop_min_delta=nan", r"early_stop_min_delta: expected a finite number, got nan"),
+    ("reward_clip_max=nan", r"reward_clip_max: expected a finite number, got nan"),
+    ("eval_every=-1", r"eval_every: expected >= 0, got -1"),
+    ("early_stop_patience=-3", r"early_stop_patience: expected >= 0, got -3"),
+])
+def test_config_numbers_are_checked_before_the_pipeline_loads(prompts_file, tmp_path, override, message):
+    # NaN passed every check and gave NaN LoRA weights; negative rates or norms trained backwards or not at all.
+    with pytest.raises(InputError, match=message):
+        _cfg(prompts_file, tmp_path / "out", override)

@@ -274,3 +274,24 @@ def test_training_tokenises_as_configured(triplets, tmp_path, monkeypatch, token
                                max_steps=1, eval_every=0, save_every=1, **FAST))
     assert seen == [tokenization]
     assert json.loads((export / "ict" / "icthp.json").read_text())["tokenization"] == tokenization
+
+
+@pytest.mark.parametrize("override, message", [
+    ("log_every=0", r"log_every must be >= 1, got 0"),
+    ("save_every=0", r"save_every must be >= 1, got 0"),
+    ("eval_every=-5", r"eval_every must be >= 0 \(0: never\), got -5"),
+    ("keep_last=-1", r"keep_last must be >= 0 \(0: keep every checkpoint\), got -1"),
+    ("num_workers=-2", r"num_workers must be >= 0, got -2"),
+    ("learning_rate=nan", r"learning_rate must be a finite number > 0, got nan"),
+    ("learning_rate=0", r"learning_rate must be a finite number > 0, got 0"),
+    ("max_grad_norm=-1", r"max_grad_norm must be a finite number > 0, got -1"),
+    ("weight_decay=inf", r"weight_decay must be a finite number >= 0, got inf"),
+    ("margin=nan", r"margin must be a finite number, got nan"),
+    ("neg_alpha=-inf", r"neg_alpha must be a finite number, got -inf"),
+])
+def test_config_numbers_are_checked_before_training(override, message):
+    # Each of these used to pass validation and fail later: a ZeroDivisionError at the first log line or
+    # checkpoint (after the models loaded), a DataLoader error, NaN losses, or prune_checkpoints deleting the
+    # oldest checkpoint for keep_last=-1.
+    with pytest.raises(InputError, match=message):
+        load_config(None, ["train_data=x.jsonl", override])

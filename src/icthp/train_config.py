@@ -8,6 +8,7 @@ without a config file reloads the saved one (:func:`saved_run_config`). The mach
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -89,7 +90,7 @@ class TrainConfig(RunConfig):
     log_every: int = _f(10, "steps between log lines")
     eval_every: int = _f(500, "steps between validations (0: never)")
     save_every: int = _f(500, "steps between checkpoints")
-    keep_last: int = _f(3, "training-state checkpoints kept (exports of the best and last are kept too)")
+    keep_last: int = _f(3, "training-state checkpoints kept (0: all; exports of the best and last are kept too)")
     report_to: str = _f("none", "none | tensorboard | wandb (metrics are always written to metrics.jsonl)")
 
     def validate(self) -> TrainConfig:
@@ -113,9 +114,22 @@ class TrainConfig(RunConfig):
             problems.append(f"tokenization must be {' or '.join(TOKENIZATIONS)}, got {self.tokenization!r}")
         if not 0 <= self.fix_rate <= 1:
             problems.append(f"fix_rate must be in [0, 1], got {self.fix_rate}")
-        for name in ("per_device_batch_size", "gradient_accumulation_steps", "max_steps"):
-            if getattr(self, name) < 1:
+        for name in ("per_device_batch_size", "gradient_accumulation_steps", "max_steps", "log_every", "save_every"):
+            if getattr(self, name) < 1:  # log_every / save_every are divisors: 0 failed at the first step
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name, meaning in (("eval_every", " (0: never)"), ("keep_last", " (0: keep every checkpoint)"),
+                              ("num_workers", "")):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0{meaning}, got {getattr(self, name)}")
+        # NaN passes every comparison-free use and would only show as NaN losses hours later
+        for name, low, strict in (("learning_rate", 0.0, True), ("max_grad_norm", 0.0, True),
+                                  ("weight_decay", 0.0, False)):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and (value > low if strict else value >= low)):
+                problems.append(f"{name} must be a finite number {'>' if strict else '>='} {low:g}, got {value:g}")
+        for name in ("neg_weight", "neg_alpha", "neg_beta", "neg_logit_scale", "margin", "hp_weight", "ict_hp_weight"):
+            if not math.isfinite(getattr(self, name)):
+                problems.append(f"{name} must be a finite number, got {getattr(self, name):g}")
         if problems:
             raise InputError("invalid training config: " + "; ".join(problems))
         return self

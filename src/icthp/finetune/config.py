@@ -3,6 +3,7 @@ machinery is shared with ``icthp train``'s config: :mod:`icthp.run_config`)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +81,19 @@ class FinetuneConfig(RunConfig):
                      "log_every", "num_inference_steps", "resolution"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "early_stop_patience"):
+            if getattr(self, name) < 0:
+                raise InputError(f"{name}: expected >= 0, got {getattr(self, name)}")
+        # NaN passes comparisons silently (and a NaN rate gives NaN LoRA weights): finite first, then the bound
+        for name, strict in (("learning_rate", True), ("lora_alpha", True), ("max_grad_norm", True),
+                             ("weight_decay", False), ("kl_weight", False), ("guidance_scale", False)):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and (value > 0 if strict else value >= 0)):
+                raise InputError(f"{name}: expected a finite number {'>' if strict else '>='} 0, got {value:g}")
+        for name in ("early_stop_min_delta", "reward_clip_min", "reward_clip_max"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise InputError(f"{name}: expected a finite number, got {value:g}")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise InputError(f"mixed_precision: expected auto, no, bf16 or fp16, got {self.mixed_precision!r}")
         if self.report_to not in ("none", "tensorboard", "wandb"):
