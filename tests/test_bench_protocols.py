@@ -588,11 +588,25 @@ def test_bad_input_errors_name_the_file_and_the_field(tmp_path, pickapic):
     rows = pq.read_table(root / "data" / "validation_unique-00000-of-00001.parquet").to_pylist()
     rows[2]["label_0"] = float("nan")
     _write_pickapic(root, "test_unique", rows)
-    with pytest.raises(InputError, match=r"\(test_unique\), row 2: label_0 must be a finite number"):
+    with pytest.raises(InputError, match=r"test_unique-00000-of-00001\.parquet, row 2 \(item 2 of split "
+                                         r"'test_unique'\): label_0 must be a finite number"):
         list(open_dataset(root).items())
+    # the same in the second shard of a split: that shard and its own row are named (not only the split)
+    (root / "data" / "test_unique-00000-of-00001.parquet").unlink()
+    good = pq.read_table(root / "data" / "validation_unique-00000-of-00001.parquet").to_pylist()
+    for k, part in enumerate((good, rows)):
+        _write_pickapic(root, "test_unique", part)
+        (root / "data" / "test_unique-00000-of-00001.parquet").rename(
+            root / "data" / f"test_unique-0000{k}-of-00002.parquet")
+    with pytest.raises(InputError, match=rf"test_unique-00001-of-00002\.parquet, row 2 \(item {len(good) + 2} of "
+                                         r"split 'test_unique'\): label_0 must be a finite number"):
+        list(open_dataset(root).items())
+    for k in range(2):
+        (root / "data" / f"test_unique-0000{k}-of-00002.parquet").unlink()
     # a vote GenAI-Bench does not have
     genai, _, _ = write_genai(tmp_path / "GenAI-Bench", pal, [("leftvote", 1, 0), ("draw", 1, 0)])
-    with pytest.raises(InputError, match=r"row 1: vote_type must be one of leftvote, rightvote, tievote, "
+    with pytest.raises(InputError, match=r"test_v1-00000-of-00001\.parquet, row 1 \(item 1 of split 'test_v1'\): "
+                                         r"vote_type must be one of leftvote, rightvote, tievote, "
                                          r"bothbad_vote, got 'draw'"):
         list(open_dataset(genai).items())
     # a ranks list of the wrong length: the annotation file and the entry

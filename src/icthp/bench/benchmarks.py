@@ -245,14 +245,21 @@ def _parquet_source(path: Path, split: str, what: str, subdir: str | None = None
     return files
 
 
-def _parquet_rows(files: list[Path], columns: list[str]) -> Iterator[dict[str, Any]]:
+def _parquet_rows(files: list[Path], columns: list[str], split: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(where, row)`` over the rows of a split's files in order; ``where`` names the file and the row in it
+    (what a user opens to fix it) and the item's position in the split (what the results count)."""
+    n = 0
     for f in files:
         pf = open_parquet(f)
         missing = [c for c in columns if c not in pf.schema_arrow.names]
         if missing:
             raise InputError(f"{f}: missing column(s) {', '.join(missing)}")
+        k = 0
         for batch in pf.iter_batches(batch_size=PARQUET_BATCH, columns=columns):
-            yield from batch.to_pylist()
+            for row in batch.to_pylist():
+                yield f"{f}, row {k} (item {n} of split {split!r})", row
+                k += 1
+                n += 1
 
 
 def _count_rows(files: list[Path]) -> int:
@@ -277,8 +284,7 @@ def _open_pickapic(path: Path, split: str) -> BenchData:
     files = _parquet_source(path, split, "Pick-a-Pic parquet")
 
     def read() -> Iterator[BenchItem]:
-        for n, row in enumerate(_parquet_rows(files, ["caption", "jpg_0", "jpg_1", "label_0"])):
-            where = f"{path} ({split}), row {n}"
+        for n, (where, row) in enumerate(_parquet_rows(files, ["caption", "jpg_0", "jpg_1", "label_0"], split)):
             caption, a, b = row["caption"], row["jpg_0"], row["jpg_1"]
             if not isinstance(caption, str) or not isinstance(a, bytes) or not isinstance(b, bytes):
                 raise InputError(f"{where}: expected a caption and the bytes of jpg_0 and jpg_1")
@@ -396,8 +402,8 @@ def _open_genai(path: Path, split: str) -> BenchData:
     files = _parquet_source(path, split, "GenAI-Bench image_generation parquet", subdir="image_generation")
 
     def read() -> Iterator[BenchItem]:
-        for n, row in enumerate(_parquet_rows(files, ["prompt", "left_image", "right_image", "vote_type"])):
-            where = f"{path} ({split}), row {n}"
+        for n, (where, row) in enumerate(_parquet_rows(files, ["prompt", "left_image", "right_image", "vote_type"],
+                                                       split)):
             if row["vote_type"] not in GENAI_VOTES:
                 raise InputError(f"{where}: vote_type must be one of {', '.join(GENAI_VOTES)}, got "
                                  f"{row['vote_type']!r}")
