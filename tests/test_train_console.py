@@ -136,9 +136,20 @@ def test_resume_refuses_overrides_of_fields_that_must_not_change(tmp_path, capsy
     assert "config.json" in capsys.readouterr().err
 
 
+def _tensorboard_steps(out: Path, tag: str) -> list[int]:
+    """Steps of ``tag`` as TensorBoard shows them (its reader applies the purges a resumed run asked for)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "icthp"))
+    events.Reload()
+    return [e.step for e in events.Scalars(tag)]
+
+
 def test_log_has_no_duplicated_steps_after_a_resume(triplets, tmp_path):
+    pytest.importorskip("tensorboard", reason="report_to=tensorboard needs the tensorboard extra")
     out = tmp_path / "run"
-    common = dict(train_data=str(triplets), output_dir=str(out), max_steps=3, eval_every=1, save_every=1, **FAST)
+    common = dict(train_data=str(triplets), output_dir=str(out), max_steps=3, eval_every=1, save_every=1,
+                  report_to="tensorboard", **FAST)
     train(load_config(None, None, **common), stop_after=2)
     # The run "died" after logging step 2 but before its checkpoint, in the middle of writing a line.
     import shutil
@@ -149,6 +160,9 @@ def test_log_has_no_duplicated_steps_after_a_resume(triplets, tmp_path):
     train(load_config(None, None, **common), resume=True)
     assert _steps(out / "metrics.jsonl", "loss") == [1, 2, 3]
     assert _steps(out / "metrics.jsonl", "val/ict/mean") == [0, 1, 2, 3]
+    # the TensorBoard mirror too: steps 2 and 3 once each (the dead run's step-2 events are purged)
+    assert _tensorboard_steps(out, "loss") == [1, 2, 3]
+    assert _tensorboard_steps(out, "val/ict/mean") == [0, 1, 2, 3]
 
 
 # --------------------------------------------------------------------------------------------- console
@@ -264,8 +278,9 @@ def test_finetune_log_has_no_duplicated_steps_after_a_resume(prompts_file, tmp_p
     from icthp.finetune.tiny import tiny_sd3_pipeline
     from icthp.finetune.train import finetune
 
+    pytest.importorskip("tensorboard", reason="report_to=tensorboard needs the tensorboard extra")
     out = tmp_path / "run"
-    cfg = load_finetune_config(None, [*_finetune_args(prompts_file, out), "max_steps=3"])
+    cfg = load_finetune_config(None, [*_finetune_args(prompts_file, out), "max_steps=3", "report_to=tensorboard"])
     with caplog.at_level(logging.WARNING, logger="icthp"):
         finetune(cfg, pipe=tiny_sd3_pipeline(seed=1), stop_after=2)
     assert "UNTRAINED" in caplog.text  # the reward and monitor weights are the tiny-random preset
@@ -277,4 +292,7 @@ def test_finetune_log_has_no_duplicated_steps_after_a_resume(prompts_file, tmp_p
     summary = finetune(cfg, pipe=tiny_sd3_pipeline(seed=1), resume=True)
     assert _steps(out / "log.jsonl", "train/reward") == [1, 2, 3]
     assert _steps(out / "log.jsonl", "heldout/reward") == [0, 3]
+    # mirrored to TensorBoard (report_to used to start no tracker in finetune: nothing was written), once per step
+    assert _tensorboard_steps(out, "train/reward") == [1, 2, 3]
+    assert _tensorboard_steps(out, "heldout/reward") == [0, 3]
     assert summary["weights"]["pipeline"]["untrained"] is None  # built in code: nothing says what it is

@@ -131,6 +131,7 @@ class RunLog:
     def __init__(self, path: str | os.PathLike, accelerator, report_to: str = "none"):
         self.path = Path(path)
         self.accelerator = accelerator
+        self.report_to = report_to
         self.report = report_to != "none"
 
     def start_empty(self) -> None:
@@ -144,6 +145,23 @@ class RunLog:
         if not self.accelerator.is_main_process:
             return []
         return keep_log_through(self.path, step)
+
+    def open_trackers(self, config: dict[str, Any], relog_from: int | None) -> None:
+        """Start accelerate's tracker named by ``report_to`` (nothing is mirrored before this), with the run's
+        ``config`` as its hyperparameters.
+
+        ``relog_from``: the first step this run logs again (a resumed run: the step after its checkpoint; a resume
+        without checkpoint: 0), or None for a new run. TensorBoard then drops the events the run that died wrote
+        from that step on (``SummaryWriter(purge_step=...)``), as :meth:`resume_at` cuts the JSON log: no step is
+        shown twice.
+        """
+        if not self.report:
+            return
+        resumed = relog_from is not None and self.report_to == "tensorboard"
+        init = {"tensorboard": {"purge_step": relog_from}} if resumed else {}
+        # Trackers take numbers, strings and booleans as hyperparameters (TensorBoard refuses None and lists).
+        flat = {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in config.items()}
+        self.accelerator.init_trackers("icthp", config=flat, init_kwargs=init)
 
     def write(self, row: dict[str, Any]) -> None:
         if self.accelerator.is_main_process:

@@ -390,8 +390,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
         # Written once everything loaded: a run that failed to start leaves no config that would refuse a retry.
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / SAVED_CONFIG)
-    if cfg.report_to != "none":
-        accelerator.init_trackers("icthp", config=cfg.to_dict())
 
     # ---- optimiser and learning-rate schedule
     params = [p for p in model.parameters() if p.requires_grad]
@@ -414,6 +412,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
     # Lines after the checkpoint were written by the run that died: they are logged again from here.
     # Without a checkpoint the run starts over, so nothing of the old log stays.
     logged = log.resume_at(step if resumed is not None else None) if resume else []
+    log.open_trackers(cfg.to_dict(), relog_from=(step + 1 if resumed is not None else 0) if resume else None)
     best_key = f"val/{'ict' if cfg.stage == 'ict' else 'ict_hp'}/mean"
     best_file = out / "best.json"
     best = json.loads(best_file.read_text())["score"] if best_file.is_file() else -math.inf  # best with an export
