@@ -108,11 +108,16 @@ def header(entry: Path) -> tuple[int, dict]:
 
 
 def test_first_load_writes_the_cache_second_maps_it_and_scores_are_identical(preset, cache, tokenizer, test_pixels,
-                                                                             monkeypatch):
+                                                                             monkeypatch, caplog):
     expected = direct_scores(preset, tokenizer, test_pixels, monkeypatch)
     assert entries(cache) == []
-    first = scores(preset, tokenizer, test_pixels)  # reads the .bin files and writes their verified copies
+    with caplog.at_level(logging.INFO, logger="icthp.checkpoints"):
+        first = scores(preset, tokenizer, test_pixels)  # reads the .bin files and writes their verified copies
     ict_entry, hp_entry = entry_of(preset / ICT_BIN, "all"), entry_of(preset / HP_BACKBONE_BIN, "vision")
+    # the disk it takes is said, once per file, with the way to turn it off
+    said = [r.getMessage() for r in caplog.records if "weights cache: wrote" in r.getMessage()]
+    assert len(said) == 2 and all("ICTHP_WEIGHTS_CACHE=0" in m for m in said)
+    assert any(str(ict_entry) in m for m in said) and any(str(hp_entry) in m for m in said)
     assert entries(cache) == sorted([ict_entry, hp_entry])
     # The HP entry holds the vision tower only: the text tower of the released file is never used.
     assert not [k for k in entry_tensors(hp_entry) if not k.startswith(("vision_model.", "visual_projection."))]

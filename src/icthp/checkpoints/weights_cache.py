@@ -497,6 +497,10 @@ def store(source: str | os.PathLike, part: str, state: Mapping[str, torch.Tensor
         logger.warning("could not write the weights cache entry of %s (%s: %s); it is read directly",
                        source, type(exc).__name__, exc)
         return None
+    # Said once, on the first use of a file: the copy takes disk space the user did not ask for by name.
+    logger.info("weights cache: wrote a verified safetensors copy of %s (%s, %.2f GB) to %s; later loads map it "
+                "($ICTHP_WEIGHTS_CACHE=0 turns the cache off, $ICTHP_WEIGHTS_CACHE_MAX_GB bounds it)",
+                source, part, path.stat().st_size / 1e9, path)
     return path
 
 
