@@ -62,7 +62,6 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
 import statistics
 import subprocess
@@ -320,60 +319,17 @@ def _read_all(paths) -> None:
 # --------------------------------------------------------------------------------------------- 1. set-up
 
 
-def make_images(pool: Path, n: int, seed: int, threads: int) -> list[str]:
-    """Half 512 px JPEG, half 1024 px PNG, smooth random images: the same files bench_score_job.py makes."""
-    import numpy as np
-    from PIL import Image
-
-    pool.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    jobs = []
-    for i in range(n):
-        side, ext = (512, "jpg") if i % 2 == 0 else (1024, "png")
-        coarse = rng.random((side // 32, side // 32, 3))  # drawn even when the file exists: same images always
-        jobs.append((pool / f"{i:04d}.{ext}", side, ext, coarse))
-
-    def write(job) -> str:
-        path, side, ext, coarse = job
-        if not path.is_file():
-            img = Image.fromarray((coarse * 255).astype("uint8")).resize((side, side), Image.BICUBIC)
-            tmp = path.with_suffix(f".tmp.{ext}")
-            img.save(tmp, **({"quality": 90} if ext == "jpg" else {}))
-            tmp.replace(path)
-        return str(path)
-
-    with ThreadPoolExecutor(max(1, threads)) as ex:  # PIL encodes with the GIL released
-        return list(ex.map(write, jobs))
-
-
-def folder_of(workdir: Path, images: list[str], n: int) -> Path:
-    """A folder holding the first ``n`` images (hard links into the pool)."""
-    folder = workdir / f"images-{n}"
-    folder.mkdir(exist_ok=True)
-    for src in images[:n]:
-        dst = folder / Path(src).name
-        if not dst.exists():
-            try:
-                os.link(src, dst)
-            except OSError:
-                shutil.copyfile(src, dst)
-    return folder
-
-
 def prepare(workdir: Path, arch: str, n_images: int, seed: int) -> dict:
     """Weights (released layout) and the image pool, made once in ``workdir`` (in parallel)."""
-    from icthp.presets import write_random_checkpoints
+    from _workload import has_released_weights, image_pool, released_weights
 
-    weights = workdir / f"weights-{arch}-seed{seed}"
     t = time.perf_counter()
     with ThreadPoolExecutor(1) as ex:
-        pool = ex.submit(make_images, workdir / "image-pool", n_images, seed, max(1, (os.cpu_count() or 2) // 2))
-        cached = (weights / "hp" / "hp_scorer" / "mlp_pytorch_model.bin").is_file()
-        if not cached:
-            shutil.rmtree(weights, ignore_errors=True)
-            write_random_checkpoints(weights, seed=seed, architecture=arch)
+        pool = ex.submit(image_pool, workdir / "image-pool", n_images, seed, max(1, (os.cpu_count() or 2) // 2))
+        cached = has_released_weights(workdir, arch, seed)
+        weights = released_weights(workdir, arch, seed)
         weights_s = time.perf_counter() - t
-        images = pool.result()
+        images = [str(p) for p in pool.result()]
     return {"weights": str(weights), "images": images, "weights_cached": cached,
             "weights_written_s": None if cached else round(weights_s, 2),
             "weights_and_images_s": round(time.perf_counter() - t, 2),
@@ -785,6 +741,7 @@ def run_process(cmd: list[str], env: dict, timeout: float, journal: Path | None 
 
 
 def whole_process_section(args, setup: dict, budget: Budget) -> dict:
+    from _workload import image_folder
     from bench_score_job import _child_env
 
     workdir, weights = args.workdir, Path(setup["weights"])
@@ -796,7 +753,7 @@ def whole_process_section(args, setup: dict, budget: Budget) -> dict:
         if not budget.allows(f"whole process {n} images", need):
             out["runs"][str(n)] = {"skipped": budget.note(need)}
             continue
-        folder = folder_of(workdir, setup["images"], n)
+        folder = image_folder(workdir, setup["images"], n)
         target = workdir / f"cli-{n}.parquet"
         for stale in (target, Path(f"{target}.meta.json"), Path(f"{target}.partial.jsonl")):
             stale.unlink(missing_ok=True)

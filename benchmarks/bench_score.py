@@ -54,23 +54,11 @@ PROMPTS = (
 def prepare(workdir: Path, arch: str, n_images: int, seed: int) -> dict:
     """Random weights (released layouts + an HF base folder for the reference) and images, made once."""
     import numpy as np
-    import torch
+    from _workload import reference_base, released_weights
     from PIL import Image
-    from safetensors.torch import save_file
 
-    from icthp.presets import write_random_checkpoints
-
-    weights = workdir / f"weights-{arch}-seed{seed}"
-    if not (weights / "hp" / "hp_scorer" / "mlp_pytorch_model.bin").is_file():
-        write_random_checkpoints(weights, seed=seed, architecture=arch)
-    base = workdir / f"base-{arch}"
-    if not (base / "model.safetensors").is_file():
-        # The reference's from_pretrained base (laion's repository layout); its values are overwritten anyway.
-        base.mkdir(parents=True, exist_ok=True)
-        state = torch.load(weights / "ict" / "pytorch_model.bin", weights_only=True)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(base / "model.safetensors"), metadata={"format": "pt"})
-        (base / "config.json").write_text((weights / "ict" / "config.json").read_text())
-        del state
+    weights = released_weights(workdir, arch, seed)
+    base = reference_base(workdir, arch, weights)
     images_dir = workdir / "images"
     images_dir.mkdir(exist_ok=True)
     rng = np.random.default_rng(seed)

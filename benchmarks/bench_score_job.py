@@ -73,49 +73,14 @@ print(json.dumps(_prepare_in_process(Path({str(workdir)!r}), {arch!r}, {sizes!r}
 
 
 def _prepare_in_process(workdir: Path, arch: str, sizes: list[int], seed: int) -> dict:
-    import numpy as np
-    import torch
-    from PIL import Image
-    from safetensors.torch import save_file
-
-    from icthp.presets import write_random_checkpoints
+    from _workload import image_folder, image_pool, reference_base, released_weights
 
     workdir.mkdir(parents=True, exist_ok=True)
-    weights = workdir / f"weights-{arch}-seed{seed}"
-    if not (weights / "hp" / "hp_scorer" / "mlp_pytorch_model.bin").is_file():
-        write_random_checkpoints(weights, seed=seed, architecture=arch)
-    base = workdir / f"base-{arch}"
-    if not (base / "model.safetensors").is_file():
-        # The reference's from_pretrained base (laion's repository layout); its values are overwritten anyway.
-        base.mkdir(parents=True, exist_ok=True)
-        state = torch.load(weights / "ict" / "pytorch_model.bin", weights_only=True)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(base / "model.safetensors"),
-                  metadata={"format": "pt"})
-        (base / "config.json").write_text((weights / "ict" / "config.json").read_text())
-        del state
-    pool = workdir / "image-pool"
-    pool.mkdir(exist_ok=True)
-    rng = np.random.default_rng(seed)
-    names = []
-    for i in range(max(sizes)):
-        # Half 512 px JPEG, half 1024 px PNG: smooth random images (decoding and resizing are part of the job).
-        side, ext = (512, "jpg") if i % 2 == 0 else (1024, "png")
-        path = pool / f"{i:04d}.{ext}"
-        coarse = rng.random((side // 32, side // 32, 3))  # drawn even when the file exists: same images always
-        if not path.is_file():
-            img = Image.fromarray((coarse * 255).astype("uint8")).resize((side, side), Image.BICUBIC)
-            img.save(path, **({"quality": 90} if ext == "jpg" else {}))
-        names.append(path.name)
-    folders = {}
-    for n in sizes:
-        folder = workdir / f"images-{n}"
-        folder.mkdir(exist_ok=True)
-        for name in names[:n]:
-            if not (folder / name).exists():
-                os.link(pool / name, folder / name)
-        folders[n] = str(folder)
-    return {"weights": str(weights), "base": str(base), "folders": {str(k): v for k, v in folders.items()},
-            "arch": arch}
+    weights = released_weights(workdir, arch, seed)
+    base = reference_base(workdir, arch, weights)
+    images = image_pool(workdir / "image-pool", max(sizes), seed)
+    folders = {str(n): str(image_folder(workdir, images, n)) for n in sizes}
+    return {"weights": str(weights), "base": str(base), "folders": folders, "arch": arch}
 
 
 def _child_env(workdir: Path) -> dict:
