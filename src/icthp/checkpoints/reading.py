@@ -444,7 +444,7 @@ def load_ict(
         )
     cfg, had_config = _read_config(directory)
     # A released .bin read before: its verified safetensors copy, mapped (weights_cache).
-    cached = weights_cache.load(weights, "all") if weights_cache.eligible(weights) else None
+    cached = weights_cache.load(weights, "all")  # None unless the cache holds a usable entry of this file
     model = build_clip(cfg)
     expected = _expected_shapes(model)
     if cached is not None and not _entry_fits(expected, cached, weights, "all"):
@@ -453,8 +453,7 @@ def load_ict(
     check_keys(expected, state, f"ICT checkpoint {weights}", _no_config_hint(had_config))
     if cached is None:
         check_finite(state, f"ICT checkpoint {weights}")
-        if weights_cache.eligible(weights):
-            weights_cache.store(weights, "all", state)
+        weights_cache.store(weights, "all", state)  # writes only for files the cache takes (eligible)
     target = resolve_dtype(dtype)
     file_dtype = float_dtypes(state)
     release = getattr(state, "release", None)
@@ -575,7 +574,7 @@ def _read_hp_released(directory: Path, meta: dict[str, Any]) -> _HPRead:
     if not had_config:
         cfg, had_config = _read_config(directory)
     # A released .bin read before: the verified safetensors copy of its vision part, mapped (see load_ict).
-    cached = weights_cache.load(bb_file, "vision") if weights_cache.eligible(bb_file) else None
+    cached = weights_cache.load(bb_file, "vision")
     model = build_hp(cfg)
     where = f"HP backbone {bb_file}"
     vision_expected = {k: v for k, v in _expected_shapes(model).items() if k.startswith(_VISION_PREFIXES)}
@@ -591,8 +590,7 @@ def _read_hp_released(directory: Path, meta: dict[str, Any]) -> _HPRead:
         # Only the vision part is checked: the text tower of the file is never read, nor used.
         check_finite(backbone_state, where)
         file_backed = True
-        if weights_cache.eligible(bb_file):
-            weights_cache.store(bb_file, "vision", backbone_state)
+        weights_cache.store(bb_file, "vision", backbone_state)
     head_state = read_state_dict(mlp_file)
     check_keys(_expected_shapes(model.head), head_state, f"HP head {mlp_file}",
                f"The head's input width must equal the CLIP projection dim ({cfg.projection_dim}).")
