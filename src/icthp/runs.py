@@ -133,6 +133,8 @@ class RunLog:
         self.accelerator = accelerator
         self.report_to = report_to
         self.report = report_to != "none"
+        #: the first step this run logs again after a resume (set by :meth:`resume_at`); None for a new run
+        self.relog_from: int | None = None
 
     def start_empty(self) -> None:
         """A new run: an empty log (main process)."""
@@ -142,23 +144,23 @@ class RunLog:
     def resume_at(self, step: int | None) -> list[dict[str, Any]]:
         """A resumed run: cut the log back to checkpoint ``step`` (None: no checkpoint, the run starts over, nothing
         is kept) and return the rows kept (main process; the others get none). See :func:`keep_log_through`."""
+        self.relog_from = 0 if step is None else step + 1
         if not self.accelerator.is_main_process:
             return []
         return keep_log_through(self.path, step)
 
-    def open_trackers(self, config: dict[str, Any], relog_from: int | None) -> None:
+    def open_trackers(self, config: dict[str, Any]) -> None:
         """Start accelerate's tracker named by ``report_to`` (nothing is mirrored before this), with the run's
-        ``config`` as its hyperparameters.
+        ``config`` as its hyperparameters; after :meth:`resume_at` when the run resumes.
 
-        ``relog_from``: the first step this run logs again (a resumed run: the step after its checkpoint; a resume
-        without checkpoint: 0), or None for a new run. TensorBoard then drops the events the run that died wrote
-        from that step on (``SummaryWriter(purge_step=...)``), as :meth:`resume_at` cuts the JSON log: no step is
-        shown twice.
+        A resumed run logs again from :attr:`relog_from` (the step after its checkpoint; 0 without one), so
+        TensorBoard drops the events the run that died wrote from that step on (``SummaryWriter(purge_step=...)``),
+        as :meth:`resume_at` cuts the JSON log: no step is shown twice.
         """
         if not self.report:
             return
-        resumed = relog_from is not None and self.report_to == "tensorboard"
-        init = {"tensorboard": {"purge_step": relog_from}} if resumed else {}
+        resumed = self.relog_from is not None and self.report_to == "tensorboard"
+        init = {"tensorboard": {"purge_step": self.relog_from}} if resumed else {}
         # Trackers take numbers, strings and booleans as hyperparameters (TensorBoard refuses None and lists).
         flat = {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in config.items()}
         self.accelerator.init_trackers("icthp", config=flat, init_kwargs=init)

@@ -412,7 +412,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
     # Lines after the checkpoint were written by the run that died: they are logged again from here.
     # Without a checkpoint the run starts over, so nothing of the old log stays.
     logged = log.resume_at(step if resumed is not None else None) if resume else []
-    log.open_trackers(cfg.to_dict(), relog_from=(step + 1 if resumed is not None else 0) if resume else None)
+    log.open_trackers(cfg.to_dict())
     best_key = f"val/{'ict' if cfg.stage == 'ict' else 'ict_hp'}/mean"
     best_file = out / "best.json"
     best = json.loads(best_file.read_text())["score"] if best_file.is_file() else -math.inf  # best with an export

@@ -468,7 +468,7 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, pipe=None, reward: Re
         log.resume_at(state["step"] if resumed is not None else None)
     else:
         log.start_empty()
-    log.open_trackers(cfg.to_dict(), relog_from=(state["step"] + 1 if resumed is not None else 0) if resume else None)
+    log.open_trackers(cfg.to_dict())
 
     heldout = HeldOut(held_prompts, [10_000 + i for i in range(len(held_prompts))])
     samples = out / "samples"
