@@ -16,14 +16,13 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from ..checkpoints import CheckpointInfo, fetch_directory, first_existing
 from ..errors import CheckpointError
-from ..modeling import MAX_IMAGE_SIZE, architecture_dict, clip_config
+from ..modeling import MAX_IMAGE_SIZE, architecture_dict, check_float, check_int, clip_config
 from ..preprocess import PreprocessConfig
 from ..registry import CLIP_H, offline_hint
 from ..scoring.clip import CLIPCosineScorer
@@ -64,29 +63,22 @@ def processor_config(directory: Path, image_size: int) -> PreprocessConfig:
     if not path.is_file():
         return PreprocessConfig(size=image_size)
     cfg = read_json(path)
+    where = str(path)
 
     def bad(key: str, expected: str) -> CheckpointError:
         return CheckpointError(f"{path}: {key}: expected {expected}, got {cfg[key]!r}")
-
-    def integer(key: str, value: Any, low: int, high: int) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise CheckpointError(f"{path}: {key}: expected an integer in [{low}, {high}], got {value!r}")
-        return value
 
     def flag(key: str) -> bool:
         if not isinstance(cfg.get(key, True), bool):
             raise bad(key, "true or false")
         return cfg.get(key, True)
 
-    def numbers(key: str, default: tuple[float, ...], low: float, high: float, closed_low: bool) -> tuple:
-        # json.loads reads NaN and Infinity: finite values are checked like any other bound
+    def numbers(key: str, default: tuple[float, ...], low: float, high: float, low_open: bool) -> tuple:
+        # json.loads reads NaN and Infinity: check_float refuses them like any other value out of bounds
         value = cfg.get(key, list(default))
-        span = f"{'[' if closed_low else '('}{low:g}, {high:g}]"
-        if (not isinstance(value, list) or len(value) != 3
-                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value)
-                or not all(math.isfinite(x) and (low <= x if closed_low else low < x) and x <= high for x in value)):
-            raise CheckpointError(f"{path}: {key}: expected 3 finite numbers, each in {span}, got {value!r}")
-        return tuple(float(x) for x in value)
+        if not isinstance(value, list) or len(value) != 3:
+            raise bad(key, "a list of 3 numbers (one per channel)")
+        return tuple(check_float(x, f"{key}[{i}]", where, low, high, low_open) for i, x in enumerate(value))
 
     size = cfg.get("size", image_size)
     if isinstance(size, dict):
@@ -94,7 +86,7 @@ def processor_config(directory: Path, image_size: int) -> PreprocessConfig:
             raise bad("size", 'an integer or {"shortest_edge": N} (resizing to a fixed height x width '
                               "is not supported by icthp)")
         size = size["shortest_edge"]
-    shortest = integer("size", size, 1, MAX_IMAGE_SIZE)
+    shortest = check_int(size, "size", where, 1, MAX_IMAGE_SIZE)
     crop = cfg.get("crop_size", shortest)
     if isinstance(crop, dict):
         if crop.keys() != {"height", "width"}:
@@ -103,13 +95,13 @@ def processor_config(directory: Path, image_size: int) -> PreprocessConfig:
             raise CheckpointError(f"{path}: crop_size: height {crop['height']!r} != width {crop['width']!r} "
                                   "(CLIP towers take square images)")
         crop = crop["height"]
-    crop = integer("crop_size", crop, 1, MAX_IMAGE_SIZE)
+    crop = check_int(crop, "crop_size", where, 1, MAX_IMAGE_SIZE)
     resample = cfg.get("resample", 3)
     if isinstance(resample, bool) or not isinstance(resample, int):
         raise bad("resample", "an integer (PIL's resampling filter; 3 is bicubic)")
     do_crop, do_resize = flag("do_center_crop"), flag("do_resize")
-    mean = numbers("image_mean", PreprocessConfig.mean, -100.0, 100.0, closed_low=True)
-    std = numbers("image_std", PreprocessConfig.std, 0.0, 100.0, closed_low=False)
+    mean = numbers("image_mean", PreprocessConfig.mean, -100.0, 100.0, low_open=False)
+    std = numbers("image_std", PreprocessConfig.std, 0.0, 100.0, low_open=True)
     unsupported = []
     if shortest != crop:
         unsupported.append(f"size {shortest} != crop_size {crop}")
